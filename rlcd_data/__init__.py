@@ -1,0 +1,29 @@
+"""rlcd-data: simulate RLCD preference datasets (Yang et al., ICLR 2024) and train on them.
+
+    >>> from rlcd_data import BuildConfig, build
+    >>> result = build(BuildConfig(task="harmless", limit=8, output="out/harmless"))
+
+Heavy libraries (torch, transformers, datasets) are imported only when used.
+"""
+
+from .config import BuildConfig
+from .errors import RlcdError
+
+__version__ = "0.1.0"
+
+
+def build(config, generator=None, progress=True):
+    """Build a dataset; see `rlcd_data.pipeline.build`."""
+    from .pipeline import build as _build
+
+    return _build(config, generator=generator, progress=progress)
+
+
+def load_task(name, templates_dir=None):
+    """Load a task by name; see `rlcd_data.tasks.load_task`."""
+    from .tasks import load_task as _load_task
+
+    return _load_task(name, templates_dir)
+
+
+__all__ = ["BuildConfig", "RlcdError", "build", "load_task", "__version__"]

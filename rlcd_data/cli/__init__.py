@@ -1,0 +1,38 @@
+"""The `rlcd-data` command line: argument parsing only; the library does the work."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import RlcdError
+from . import build, ls, preview
+
+COMMANDS = {"build": build, "preview": preview, "ls": ls}
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rlcd-data", description="Simulate RLCD preference datasets with a language model."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module in COMMANDS.items():
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (2 for bad input, 130 when interrupted)."""
+    args = make_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command].run(args) or 0
+    except RlcdError as e:
+        print(f"rlcd-data: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rlcd-data: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())

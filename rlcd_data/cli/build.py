@@ -1,0 +1,33 @@
+"""`rlcd-data build TASK`: simulate a preference dataset."""
+
+from __future__ import annotations
+
+from ..config import BuildConfig
+from ._dataclass_args import add_dataclass_arguments, config_from_args
+
+
+def add_parser(sub) -> None:
+    parser = sub.add_parser(
+        "build",
+        help="Simulate an RLCD preference dataset into a Hub-ready folder.",
+        description="Render p+/p- prompts for each source prompt, sample both with a model, "
+        "and write the pairs as a Hugging Face dataset folder with its card.",
+    )
+    add_dataclass_arguments(parser, BuildConfig, positional=("task",))
+
+
+def run(args) -> int:
+    from ..pipeline import build
+
+    config = config_from_args(args, BuildConfig)
+    result = build(config)
+    s = result.stats
+    print(
+        f"wrote {s.pairs} pairs to {result.output} "
+        f"({', '.join(f'{k}: {v}' for k, v in result.splits.items())}); "
+        f"dropped {s.examples_dropped} after retries, {s.outputs_retried} outputs re-generated, "
+        f"{s.prompts_dropped_empty + s.prompts_dropped_duplicate} empty/duplicate prompts skipped; "
+        f"{s.seconds:.0f} s, {s.pairs / max(s.seconds, 1e-9):.2f} pairs/s"
+    )
+    print(f"load it with: {result.load_line()}")
+    return 0

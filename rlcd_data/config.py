@@ -1,0 +1,164 @@
+"""Build configuration: one dataclass, validated on construction, saved next to the data."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import RlcdError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+CONFIG_FILENAME = "rlcd_build.yaml"
+
+QUANTIZATIONS = ("auto", "8bit", "4bit", "none")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+FORMATS = ("standard", "conversational")
+METHODS = ("rlcd",)
+
+# Fields that do not change what a build writes; left out of its fingerprint.
+OUTPUT_NEUTRAL_FIELDS = frozenset({"output", "overwrite", "batch_size"})
+
+
+@dataclass
+class BuildConfig:
+    """Everything that decides what ``rlcd-data build`` writes.
+
+    Raises:
+        RlcdError: on construction, if a value is out of range or unknown.
+    """
+
+    task: str = field(
+        metadata={"help": "Task to build: a built-in task (see `rlcd-data ls`) or a folder under --templates."}
+    )
+    output: str | None = field(
+        default=None, metadata={"help": "Output folder, laid out as a Hub dataset repo. Default: ./rlcd-<task>."}
+    )
+    prompts: str | None = field(
+        default=None,
+        metadata={
+            "help": "Prompt source: a .jsonl/.jsonl.gz/.json/.parquet/.csv file, a local `datasets` folder, "
+            "or a Hub dataset name. Default: the task's bundled prompts."
+        },
+    )
+    prompt_column: str | None = field(
+        default=None,
+        metadata={"help": "Column holding the prompt. Default: `chosen` (HH-RLHF) if present, else `prompt`."},
+    )
+    split: str = field(default="train", metadata={"help": "Split to read from a `datasets` folder or Hub dataset."})
+    limit: int | None = field(
+        default=None, metadata={"help": "Use the first N usable prompts (after dropping empty and duplicate ones)."}
+    )
+    templates: str | None = field(
+        default=None,
+        metadata={"help": "Folder of user task folders (same layout as the built-in ones); they override built-ins."},
+    )
+    method: str = field(default="rlcd", metadata={"help": "How pairs are made.", "choices": METHODS})
+    model: str = field(
+        default=DEFAULT_MODEL,
+        metadata={
+            "help": f"Simulator model: a local model folder or a Hub id. `{DEFAULT_MODEL}` is the embedded "
+            "SmolLM2-135M-Instruct, converted once and cached."
+        },
+    )
+    quantization: str = field(
+        default="auto",
+        metadata={
+            "help": "Weight quantization (bitsandbytes). auto = 8bit with CUDA (as in the paper), none without.",
+            "choices": QUANTIZATIONS,
+        },
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "Compute dtype. auto = float32 on CPU, the model's own dtype on GPU.", "choices": DTYPES},
+    )
+    batch_size: int = field(default=16, metadata={"help": "Sequences per generation batch (the paper used 16)."})
+    max_new_tokens: int = field(default=300, metadata={"help": "Token limit per response (the paper's 300)."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (the paper's 1.0)."})
+    max_retries: int = field(
+        default=5,
+        metadata={"help": "Re-generations of a failed output before its example is dropped (the paper's 5)."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for descriptor draws, sampling and the test split."})
+    test_size: float = field(
+        default=0.0,
+        metadata={"help": "Hold out a test split: a fraction (0 < x < 1) or a number of pairs (>= 1). 0 = none."},
+    )
+    format: str = field(
+        default="standard",
+        metadata={"help": "standard = text columns; conversational = lists of chat messages.", "choices": FORMATS},
+    )
+    license: str = field(default="mit", metadata={"help": "Licence id for the dataset card (check the prompts' and model's terms)."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing, non-empty output folder."})
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise RlcdError(
+                    f"unknown {f.name} {getattr(self, f.name)!r} (choose from: {', '.join(choices)})"
+                )
+        for name in ("batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise RlcdError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.limit is not None and self.limit < 1:
+            raise RlcdError(f"limit must be at least 1, got {self.limit}")
+        if self.max_retries < 0:
+            raise RlcdError(f"max_retries must be 0 or more, got {self.max_retries}")
+        if self.temperature <= 0:
+            raise RlcdError(f"temperature must be positive, got {self.temperature}")
+        if self.test_size < 0 or (self.test_size >= 1 and self.test_size != int(self.test_size)):
+            raise RlcdError(f"test_size must be a fraction in (0, 1) or a whole number of pairs, got {self.test_size}")
+        if self.output is None:
+            self.output = f"rlcd-{self.task}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """A short hash of the fields that change the output (not batch size or output folder)."""
+        relevant = {k: v for k, v in self.to_dict().items() if k not in OUTPUT_NEUTRAL_FIELDS}
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        header = (
+            "# rlcd-data build configuration. Re-run this build with:\n"
+            f"#   rlcd-data build --config {CONFIG_FILENAME} --output NEW_FOLDER\n"
+        )
+        # `overwrite` is an action for one run, not part of what was built.
+        values = {k: v for k, v in self.to_dict().items() if k != "overwrite"}
+        return header + yaml.safe_dump(values, sort_keys=False, allow_unicode=True)
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+
+def read_config_file(path: str | Path, config_class: type = BuildConfig) -> dict[str, Any]:
+    """Read a YAML config file into a dict of field values.
+
+    Raises:
+        RlcdError: if the file is missing, is not a YAML mapping, or has unknown keys.
+    """
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise RlcdError(f"{path}: no such config file") from None
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        where = f"{path}:{line + 1}" if line is not None else str(path)
+        raise RlcdError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RlcdError(f"{path}: expected a mapping of option names to values")
+    unknown = sorted(set(data) - config_class.field_names())
+    if unknown:
+        raise RlcdError(f"{path}: unknown option(s): {', '.join(unknown)}")
+    return data

@@ -1,0 +1,196 @@
+"""Writing a build as a Hub dataset repo folder: Parquet data, dataset card, build config."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .config import CONFIG_FILENAME, BuildConfig
+from .conversation import to_messages
+from .tasks import JINJA, Task
+from .resources import resource_dir
+
+if TYPE_CHECKING:
+    from .build import BuildStats
+
+CARD_TEMPLATE = "dataset_card.md"
+VERSIONED_PACKAGES = ("rlcd-data", "transformers", "torch", "datasets", "huggingface_hub", "bitsandbytes")
+
+
+def features(fmt: str):
+    """The output schema: TRL's explicit-prompt preference format plus provenance columns."""
+    from datasets import Features, List, Value
+
+    text = Value("string")
+    message = {"role": Value("string"), "content": Value("string")}
+    conversational = fmt == "conversational"
+    return Features(
+        {
+            "prompt": List(message) if conversational else text,
+            "chosen": List(message) if conversational else text,
+            "rejected": List(message) if conversational else text,
+            "p_plus": text,
+            "p_minus": text,
+            "descriptor_index": Value("int32"),
+            "positive_descriptor": text,
+            "negative_descriptor": text,
+            "source_index": Value("int64"),
+            "chosen_tokens": Value("int32"),
+            "rejected_tokens": Value("int32"),
+        }
+    )
+
+
+def to_conversational(row: dict) -> dict:
+    prompt, chosen = to_messages(row["prompt"], row["chosen"])
+    _, rejected = to_messages(row["prompt"], row["rejected"])
+    return {**row, "prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def size_category(n: int) -> str:
+    for limit, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
+        if n < limit:
+            return label
+    return "1M<n<10M"
+
+
+def write_dataset_folder(
+    out: Path, rows: list[dict], *, config: BuildConfig, task: Task, stats: BuildStats, model: str
+) -> dict[str, int]:
+    """Write ``data/*.parquet``, ``README.md`` and the build config into ``out``.
+
+    Old data files, card and config are replaced only once the new ones are
+    complete, so a failure part-way leaves the previous folder as it was.
+
+    Returns:
+        Split name -> number of rows.
+    """
+    from datasets import Dataset, DatasetDict
+
+    if config.format == "conversational":
+        rows = [to_conversational(r) for r in rows]
+    dataset = Dataset.from_list(rows, features=features(config.format))
+    if config.test_size and len(dataset) >= 2:
+        test_size = int(config.test_size) if config.test_size >= 1 else config.test_size
+        splits = dataset.train_test_split(test_size=test_size, seed=config.seed)
+    else:
+        splits = DatasetDict({"train": dataset})
+
+    staging = out / ".rlcd-build" / "final"
+    if staging.exists():
+        shutil.rmtree(staging)
+    (staging / "data").mkdir(parents=True)
+    nbytes = {}
+    for name, split in splits.items():
+        split.to_parquet(staging / "data" / f"{name}-00000-of-00001.parquet")
+        nbytes[name] = split.data.nbytes
+    download_size = sum(p.stat().st_size for p in (staging / "data").iterdir())
+    card = render_card(
+        config=config,
+        task=task,
+        stats=stats,
+        model=model,
+        splits={name: (len(split), nbytes[name]) for name, split in splits.items()},
+        download_size=download_size,
+        example=rows[0] if rows else None,
+        dataset_ref=str(out),
+    )
+    card.save(staging / "README.md")
+    (staging / CONFIG_FILENAME).write_text(config.to_yaml())
+
+    # Swap in: data folder, card, config. Files of other names are left alone.
+    if (out / "data").exists():
+        shutil.rmtree(out / "data")
+    for item in sorted(staging.iterdir()):
+        item.replace(out / item.name)
+    shutil.rmtree(out / ".rlcd-build")
+    return {name: len(split) for name, split in splits.items()}
+
+
+def render_card(
+    *,
+    config: BuildConfig,
+    task: Task,
+    stats: BuildStats,
+    model: str,
+    splits: dict[str, tuple[int, int]],
+    download_size: int,
+    example: dict | None,
+    dataset_ref: str,
+):
+    """The dataset card: Hub YAML metadata (with `configs` and `dataset_info`) and a body from ``cards/``.
+
+    Args:
+        splits: split name -> (num_examples, num_bytes in memory).
+    """
+    from datasets import DatasetInfo, SplitDict, SplitInfo
+    from datasets.info import DatasetInfosDict
+    from datasets.utils.metadata import MetadataConfigs
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    total = sum(n for n, _ in splits.values())
+    card_data = DatasetCardData(
+        license=config.license,
+        language=["en"],
+        pretty_name=f"RLCD {task.name} preference pairs",
+        task_categories=["text-generation"],
+        tags=["rlcd", "synthetic", "preference", "dpo", "reward-modeling"],
+        size_categories=[size_category(total)],
+    )
+    MetadataConfigs(
+        {"default": {"data_files": [{"split": s, "path": f"data/{s}-*"} for s in splits]}}
+    ).to_dataset_card_data(card_data)
+    split_dict = SplitDict()
+    for name, (n, nbytes) in splits.items():
+        split_dict.add(SplitInfo(name=name, num_bytes=nbytes, num_examples=n))
+    info = DatasetInfo(
+        features=features(config.format),
+        splits=split_dict,
+        download_size=download_size,
+        dataset_size=sum(b for _, b in splits.values()),
+    )
+    DatasetInfosDict({"default": info}).to_dataset_card_data(card_data)
+
+    body = JINJA.from_string((resource_dir("cards") / CARD_TEMPLATE).read_text()).render(
+        config=config,
+        task=task,
+        stats=stats,
+        model=model,
+        splits={name: n for name, (n, _) in splits.items()},
+        example_json=json.dumps(example, indent=2, ensure_ascii=False) if example else "",
+        dataset_ref=dataset_ref,
+        versions=library_versions(),
+        command=build_command(config),
+    )
+    return DatasetCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
+
+
+def build_command(config: BuildConfig) -> str:
+    """The `rlcd-data build` command line that reproduces ``config`` (non-default options only)."""
+    import dataclasses
+    import shlex
+
+    parts = ["rlcd-data", "build", config.task]
+    for f in dataclasses.fields(config):
+        if f.name in ("task", "output", "overwrite"):
+            continue
+        value = getattr(config, f.name)
+        default = f.default
+        if value != default:
+            flag = "--" + f.name.replace("_", "-")
+            parts += [flag] if value is True else [flag, str(value)]
+    parts += ["--output", str(config.output)]
+    return shlex.join(parts)

@@ -1,0 +1,207 @@
+"""Tasks: p+/p- templates as data, and rendering a contrast pair from a prompt.
+
+A task is a folder with ``task.yaml`` (name, version, input kind, descriptor
+pairs), ``prompt.jinja`` (the unmodified prompt), ``p_plus.jinja`` and
+``p_minus.jinja``. All templates render in one sandboxed Jinja environment
+with ``StrictUndefined``: a misspelt variable is an error, never a blank.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+import jinja2.meta
+import yaml
+from jinja2.sandbox import SandboxedEnvironment
+
+from .conversation import Turn, parse_prompt
+from .errors import RlcdError
+from .resources import resource_dir
+
+# What each kind of task input provides to its templates.
+INPUT_VARIABLES = {
+    "conversation": {"turns"},  # list of Turn(role, text) before the final Assistant tag
+    "premise": {"premise"},  # one line of text, e.g. a story premise
+}
+DESCRIPTOR_VARIABLES = {"positive", "negative"}
+TEMPLATE_FILES = {"prompt": "prompt.jinja", "p_plus": "p_plus.jinja", "p_minus": "p_minus.jinja"}
+
+# User templates are untrusted input: sandboxed, and strict about undefined names.
+JINJA = SandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False, autoescape=False)
+
+
+@dataclass(frozen=True)
+class DescriptorPair:
+    positive: str
+    negative: str
+
+
+@dataclass(frozen=True)
+class ContrastPair:
+    """The three renders of one example; p+ and p- use the same descriptor pair."""
+
+    source_index: int
+    prompt: str  # unmodified prompt, the `prompt` column
+    p_plus: str
+    p_minus: str
+    descriptor_index: int
+    descriptors: DescriptorPair
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    description: str
+    version: int
+    input: str
+    prompt_source: str
+    descriptors: tuple[DescriptorPair, ...]
+    folder: Path
+    templates: dict[str, jinja2.Template]
+
+    @property
+    def bundled_prompts(self) -> Path | None:
+        path = self.folder / "prompts.jsonl"
+        return path if path.is_file() else None
+
+    def variables(self, prompt_text: str) -> dict:
+        """Template variables for one source prompt (already normalised by `prompts`)."""
+        if self.input == "conversation":
+            return {"turns": parse_prompt(prompt_text)}
+        return {"premise": prompt_text}
+
+    def draw_descriptor(self, source_index: int, seed: int) -> int:
+        """The descriptor pair for one example: depends only on the example and the seed."""
+        return random.Random(f"rlcd-descriptor:{seed}:{source_index}").randrange(len(self.descriptors))
+
+    def render_pair(self, prompt_text: str, source_index: int, seed: int) -> ContrastPair:
+        """Render the unmodified prompt, p+ and p- for one source prompt.
+
+        Raises:
+            RlcdError: if a template uses a variable the task does not provide.
+        """
+        k = self.draw_descriptor(source_index, seed)
+        pair = self.descriptors[k]
+        values = {**self.variables(prompt_text), "positive": pair.positive, "negative": pair.negative}
+        rendered = {key: self._render(key, values) for key in TEMPLATE_FILES}
+        return ContrastPair(source_index, rendered["prompt"], rendered["p_plus"], rendered["p_minus"], k, pair)
+
+    def _render(self, key: str, values: dict) -> str:
+        try:
+            return self.templates[key].render(values)
+        except jinja2.UndefinedError as e:
+            raise RlcdError(f"{self.folder / TEMPLATE_FILES[key]}: {e.message}") from None
+        except jinja2.TemplateError as e:
+            raise RlcdError(f"{self.folder / TEMPLATE_FILES[key]}: {e}") from None
+
+
+def _template_roots(templates_dir: str | Path | None) -> list[Path]:
+    roots = []
+    if templates_dir is not None:
+        root = Path(templates_dir)
+        if not root.is_dir():
+            raise RlcdError(f"{root}: templates folder not found")
+        roots.append(root)
+    roots.append(resource_dir("templates"))
+    return roots
+
+
+def list_tasks(templates_dir: str | Path | None = None) -> dict[str, Path]:
+    """Task name -> folder; user tasks override built-in ones of the same name."""
+    found: dict[str, Path] = {}
+    for root in reversed(_template_roots(templates_dir)):
+        for folder in sorted(root.iterdir()):
+            if (folder / "task.yaml").is_file():
+                found[folder.name] = folder
+    return dict(sorted(found.items()))
+
+
+def load_task(name: str, templates_dir: str | Path | None = None) -> Task:
+    """Load and check a task by name.
+
+    Raises:
+        RlcdError: unknown task, a malformed task.yaml, a missing template, a
+            template syntax error, or a template using a variable its task
+            does not provide (all misspelt names are listed at once).
+    """
+    tasks = list_tasks(templates_dir)
+    if name not in tasks:
+        raise RlcdError(f"unknown task {name!r} (available: {', '.join(tasks) or 'none'})")
+    return load_task_folder(tasks[name])
+
+
+def load_task_folder(folder: Path) -> Task:
+    meta = _read_task_yaml(folder / "task.yaml")
+    allowed = INPUT_VARIABLES[meta["input"]] | DESCRIPTOR_VARIABLES
+    templates, used = {}, {}
+    for key, filename in TEMPLATE_FILES.items():
+        path = folder / filename
+        if not path.is_file():
+            raise RlcdError(f"{path}: missing template (a task needs {', '.join(TEMPLATE_FILES.values())})")
+        source = path.read_text()
+        try:
+            names = jinja2.meta.find_undeclared_variables(JINJA.parse(source))
+            templates[key] = JINJA.from_string(source)
+        except jinja2.TemplateSyntaxError as e:
+            raise RlcdError(f"{path}:{e.lineno}: template syntax error: {e.message}") from None
+        unknown = sorted(names - allowed)
+        if unknown:
+            raise RlcdError(
+                f"{path}: undefined template variable(s) {', '.join(unknown)} "
+                f"(a {meta['input']} task provides: {', '.join(sorted(allowed))})"
+            )
+        used[key] = names
+    # p+ and p- must see the same input; each must ask for its own side.
+    if used["p_plus"] - DESCRIPTOR_VARIABLES != used["p_minus"] - DESCRIPTOR_VARIABLES:
+        raise RlcdError(
+            f"{folder}: p_plus.jinja and p_minus.jinja must use the same input variables "
+            f"({', '.join(sorted(used['p_plus'] - DESCRIPTOR_VARIABLES))} vs "
+            f"{', '.join(sorted(used['p_minus'] - DESCRIPTOR_VARIABLES))})"
+        )
+    for key, side in (("p_plus", "positive"), ("p_minus", "negative")):
+        if side not in used[key]:
+            raise RlcdError(f"{folder / TEMPLATE_FILES[key]}: never uses {{{{ {side} }}}}")
+    if used["prompt"] & DESCRIPTOR_VARIABLES:
+        raise RlcdError(f"{folder / 'prompt.jinja'}: the unmodified prompt must not use descriptors")
+    return Task(
+        name=folder.name,
+        description=meta["description"],
+        version=meta["version"],
+        input=meta["input"],
+        prompt_source=meta.get("prompt_source", ""),
+        descriptors=meta["descriptors"],
+        folder=folder,
+        templates=templates,
+    )
+
+
+def _read_task_yaml(path: Path) -> dict:
+    try:
+        meta = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        where = f"{path}:{line + 1}" if line is not None else str(path)
+        raise RlcdError(f"{where}: not valid YAML") from None
+    if not isinstance(meta, dict):
+        raise RlcdError(f"{path}: expected a mapping")
+    missing = [k for k in ("description", "version", "input", "descriptors") if k not in meta]
+    if missing:
+        raise RlcdError(f"{path}: missing key(s): {', '.join(missing)}")
+    if meta["input"] not in INPUT_VARIABLES:
+        raise RlcdError(f"{path}: input must be one of {', '.join(INPUT_VARIABLES)}, got {meta['input']!r}")
+    pairs = meta["descriptors"]
+    if not isinstance(pairs, list) or not pairs:
+        raise RlcdError(f"{path}: descriptors must be a non-empty list of {{positive, negative}} pairs")
+    parsed = []
+    for i, pair in enumerate(pairs, 1):
+        if not (isinstance(pair, dict) and set(pair) == {"positive", "negative"}):
+            raise RlcdError(f"{path}: descriptor pair {i} must have exactly the keys positive and negative")
+        parsed.append(DescriptorPair(str(pair["positive"]), str(pair["negative"])))
+    meta["descriptors"] = tuple(parsed)
+    return meta
+
+
+__all__ = ["ContrastPair", "DescriptorPair", "Task", "Turn", "list_tasks", "load_task"]

@@ -1,0 +1,115 @@
+"""Shared fixtures: an offline, isolated Hugging Face home, a fake generator, and a tiny random Llama."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+# Nothing in the tests may reach a hub; set before datasets/huggingface_hub are imported.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+HH_DIR = SHARED / "data" / "hh-rlhf"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_hf_home(tmp_path_factory, monkeypatch):
+    home = tmp_path_factory.getbasetemp() / "hf-home"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(home / "datasets"))
+
+
+@pytest.fixture(scope="session")
+def hh_dir() -> Path:
+    if not HH_DIR.is_dir():
+        pytest.fail(f"{HH_DIR} is missing: the tests read HH-RLHF data from ../shared beside the project")
+    return HH_DIR
+
+
+class FakeGenerator:
+    """A generator that answers from a function of (prompt, call number for that prompt).
+
+    ``respond`` returns ``(text, ended)``; the default answers with the
+    descriptor in the prompt's final Assistant tag, ended by end-of-sequence.
+    """
+
+    description = "fake generator"
+
+    def __init__(self, respond: Callable[[str, int], tuple[str, bool]] | None = None):
+        self.respond = respond or (lambda prompt, n: (prompt.rsplit("Assistant (", 1)[1].split(")")[0], True))
+        self.calls: dict[str, int] = {}
+        self.requests: list[list[str]] = []
+
+    def generate(self, prompts, settings, seed, on_batch=None):
+        from rlcd_data.generate import Completion
+
+        self.requests.append(list(prompts))
+        completions = []
+        for prompt in prompts:
+            n = self.calls.get(prompt, 0)
+            self.calls[prompt] = n + 1
+            text, ended = self.respond(prompt, n)
+            completions.append(Completion(text, len(text.split()), ended))
+        if on_batch:
+            on_batch(len(prompts), sum(c.num_tokens for c in completions))
+        return completions
+
+    def count_tokens(self, text):
+        return len(text.split())
+
+
+@pytest.fixture
+def fake_generator():
+    return FakeGenerator
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The embedded SmolLM2-135M-Instruct, converted once into the rlcd-data cache."""
+    from rlcd_data.models import embedded_model_dir
+
+    return embedded_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
+    """A 6M-parameter random Llama with the SmolLM2 tokenizer.
+
+    Its weights are set so that end-of-sequence has about a 6% chance at each
+    step: generations end by themselves after a few tokens, and some run into
+    a small token limit, so both success and retry paths are exercised.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        # A constant feature in every embedding survives to the last layer; only EOS reads it.
+        model.model.embed_tokens.weight[:, 0] = 10.0
+        model.lm_head.weight[:, 0] = 0.0
+        model.lm_head.weight[tokenizer.eos_token_id, 0] = 1.0
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -1,0 +1,37 @@
+"""Builds with the embedded SmolLM2-135M-Instruct (fp32 and 8-bit bitsandbytes on CPU)."""
+
+from __future__ import annotations
+
+import pytest
+
+from rlcd_data.config import BuildConfig
+from rlcd_data.pipeline import build
+
+pytestmark = pytest.mark.real_model
+
+
+@pytest.mark.parametrize("quantization", ["none", "8bit"])
+def test_build_harmless_with_smollm2(quantization, tmp_path, hh_dir, smollm2_dir):
+    import datasets
+
+    config = BuildConfig(
+        task="harmless",
+        prompts=str(hh_dir / "harmless-base-prompts.jsonl"),
+        limit=3,
+        max_new_tokens=160,
+        quantization=quantization,
+        output=str(tmp_path / "out"),
+    )
+    result = build(config, progress=False)
+    assert result.stats.pairs + result.stats.examples_dropped == 3
+    assert result.stats.pairs >= 1
+    rows = datasets.load_dataset(str(tmp_path / "out"), split="train").to_list()
+    assert len(rows) == result.stats.pairs
+    for row in rows:
+        for side in ("chosen", "rejected"):
+            assert row[side].strip() and "Human:" not in row[side]
+            assert 0 < row[f"{side}_tokens"] <= 160
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "SmolLM2-135M-Instruct" in card and f"quantization `{quantization}`" in card
+    if quantization == "8bit":
+        assert "bitsandbytes" in card
