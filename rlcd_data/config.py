@@ -77,7 +77,10 @@ class BuildConfig:
         default="auto",
         metadata={"help": "Compute dtype. auto = float32 on CPU, the model's own dtype on GPU.", "choices": DTYPES},
     )
-    batch_size: int = field(default=16, metadata={"help": "Sequences per generation batch (the paper used 16)."})
+    batch_size: int = field(
+        default=32,
+        metadata={"help": "Sequences decoded together; finished ones are replaced from the queue (the paper used 16)."},
+    )
     max_new_tokens: int = field(default=300, metadata={"help": "Token limit per response (the paper's 300)."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (the paper's 1.0)."})
     max_retries: int = field(

@@ -1,18 +1,28 @@
-"""Batched sampling from a causal LM, lm-eval style.
+"""Sampling from a causal LM with a continuously refilled batch.
 
 Requests are sorted by prompt length (longest first, so an out-of-memory
-error shows at once), left-padded, generated batch by batch with each
-sequence stopping at the next Human turn or end-of-sequence, and returned in
-the caller's order.
+error shows at once) and decoded in one batch whose finished sequences leave
+at once, each at its own stop: end-of-sequence, the start of the next
+``Human`` turn, or the token limit. Freed slots are refilled from the queue:
+new prompts are prefilled together and their key/value cache is merged into
+the running batch (left-padded to a common length), so the batch stays full
+instead of waiting for its longest sequence. Every request samples with its
+own random generator, so its output depends on its seed, not on which
+requests share its batch. Results come back in the caller's order.
 """
 
 from __future__ import annotations
 
+import random
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from .conversation import STOP_STRINGS
+
+# Tokens decoded at each step to look for a stop string; longer than any stop string.
+STOP_WINDOW = 8
 
 
 @dataclass(frozen=True)
@@ -28,8 +38,13 @@ class Completion:
     ended: bool  # stopped at end-of-sequence (not at a stop string or the token limit)
 
 
-# Called after each batch with (sequences done, new tokens generated) in that batch.
-BatchCallback = Callable[[int, int], None]
+# Called after each decoding step with (sequences finished, new tokens generated) in that step.
+ProgressCallback = Callable[[int, int], None]
+
+
+def request_seed(*parts: object) -> int:
+    """A 63-bit seed that depends only on ``parts`` (stable across processes and runs)."""
+    return random.Random(":".join(map(str, parts))).getrandbits(63)
 
 
 class Generator(Protocol):
@@ -38,70 +53,183 @@ class Generator(Protocol):
     description: str
 
     def generate(
-        self, prompts: Sequence[str], settings: SamplingSettings, seed: int, on_batch: BatchCallback | None = None
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        settings: SamplingSettings,
+        on_progress: ProgressCallback | None = None,
     ) -> list[Completion]: ...
 
     def count_tokens(self, text: str) -> int: ...
 
 
 class TransformersGenerator:
-    """Sampling with a transformers causal LM (any quantization it was loaded with)."""
+    """Sampling with a transformers causal LM (any dtype or quantization it was loaded with).
 
-    def __init__(self, model, tokenizer, batch_size: int = 16, description: str = ""):
+    Args:
+        batch_size: sequences decoded together.
+        refill_at: refill once this fraction of the batch has finished
+            (a prefill per refill; 0 < refill_at <= 1).
+    """
+
+    def __init__(self, model, tokenizer, batch_size: int = 16, description: str = "", refill_at: float = 0.25):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.refill_at = refill_at
         self.description = description or getattr(model, "name_or_path", "model")
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def generate(
-        self, prompts: Sequence[str], settings: SamplingSettings, seed: int, on_batch: BatchCallback | None = None
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        settings: SamplingSettings,
+        on_progress: ProgressCallback | None = None,
     ) -> list[Completion]:
         import torch
 
         encoded = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+        queue = deque(sorted(range(len(prompts)), key=lambda i: -len(encoded[i])))
         results: list[Completion | None] = [None] * len(prompts)
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start : start + self.batch_size]
-            # One seed per batch, derived from the caller's seed and the batch's content.
-            torch.manual_seed(hash((seed, tuple(batch))) & 0x7FFFFFFF)
-            completions = self._generate_batch([encoded[i] for i in batch], settings)
-            for i, completion in zip(batch, completions):
-                results[i] = completion
-            if on_batch:
-                on_batch(len(batch), sum(c.num_tokens for c in completions))
+        batch: _Batch | None = None
+        refill_below = max(1, int(self.batch_size * (1 - self.refill_at)))
+        with torch.inference_mode():
+            while queue or batch is not None:
+                active = len(batch.rows) if batch else 0
+                if queue and (active == 0 or active <= refill_below):
+                    new = [queue.popleft() for _ in range(min(self.batch_size - active, len(queue)))]
+                    batch = self._admit(batch, new, [encoded[i] for i in new], [seeds[i] for i in new])
+                done = batch.sample(settings, self.tokenizer)
+                for i, completion in done:
+                    results[i] = completion
+                if on_progress:
+                    on_progress(len(done), len(batch.rows))  # one new token per row
+                batch.drop({i for i, _ in done})
+                if batch.rows:
+                    batch.forward(self.model)
+                else:
+                    batch = None
         return results  # type: ignore[return-value]
 
-    def _generate_batch(self, batch: list[list[int]], settings: SamplingSettings) -> list[Completion]:
+    def _admit(self, batch: _Batch | None, rows: list[int], ids: list[list[int]], seeds: list[int]) -> _Batch:
+        """Prefill new prompts and merge them into the running batch."""
+        import torch
+        from transformers import DynamicCache
+
+        length = max(map(len, ids))
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (length - len(x)) + x for x in ids])
+        mask = torch.tensor([[0] * (length - len(x)) + [1] * len(x) for x in ids])
+        device = self.model.device
+        out = self.model(
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device),
+            past_key_values=DynamicCache(config=self.model.config),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        new = _Batch(
+            rows=rows,
+            generated=[[] for _ in rows],
+            generators=[torch.Generator().manual_seed(s) for s in seeds],
+            cache=out.past_key_values,
+            mask=mask.to(device),
+            logits=out.logits[:, -1].float(),
+        )
+        return new if batch is None else batch.merge(new)
+
+
+@dataclass
+class _Batch:
+    """Sequences being decoded together, with their key/value cache and next-token logits."""
+
+    rows: list[int]  # request index per batch row
+    generated: list[list[int]]
+    generators: list  # torch.Generator per row
+    cache: object  # DynamicCache, [rows, heads, length, dim] per layer
+    mask: object  # [rows, length] attention mask, left-padded
+    logits: object  # [rows, vocab] next-token logits
+
+    def sample(self, settings: SamplingSettings, tokenizer) -> list[tuple[int, Completion]]:
+        """Sample one token per row; return the rows that finished, with their completions."""
         import torch
 
-        tok = self.tokenizer
-        padded = tok.pad({"input_ids": batch}, padding=True, return_tensors="pt")
-        device = self.model.device
-        with torch.inference_mode():
-            out = self.model.generate(
-                input_ids=padded["input_ids"].to(device),
-                attention_mask=padded["attention_mask"].to(device),
-                do_sample=True,
-                temperature=settings.temperature,
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=settings.max_new_tokens,
-                stop_strings=list(STOP_STRINGS),
-                tokenizer=tok,
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id,
-            )
-        new = out[:, padded["input_ids"].shape[1] :].tolist()
-        completions = []
-        for ids in new:
-            # After a sequence finishes, generate() fills it with pad (= EOS here).
-            finished = [j for j, t in enumerate(ids) if t in (tok.eos_token_id, tok.pad_token_id)]
-            n = finished[0] if finished else len(ids)
-            text = tok.decode(ids[:n], skip_special_tokens=True)
-            ended = bool(finished) and ids[n] == tok.eos_token_id and not any(s in text for s in STOP_STRINGS)
-            completions.append(Completion(text, n + int(ended), ended))
-        return completions
+        # Inverse-CDF sampling: one uniform draw per row from that row's own generator,
+        # then one batched search (torch.multinomial per row costs ~1 ms each).
+        probs = torch.softmax(self.logits / settings.temperature, dim=-1).cpu()
+        cdf = probs.cumsum_(dim=-1)
+        u = torch.cat([torch.rand(1, generator=g) for g in self.generators]) * cdf[:, -1]
+        tokens = torch.searchsorted(cdf, u[:, None]).clamp_(max=cdf.shape[1] - 1)[:, 0].tolist()
+        eos = tokenizer.eos_token_id
+        done = []
+        for r, token in enumerate(tokens):
+            ids = self.generated[r]
+            ids.append(token)
+            if token == eos:
+                done.append((self.rows[r], Completion(tokenizer.decode(ids[:-1], skip_special_tokens=True), len(ids), True)))
+            elif len(ids) >= settings.max_new_tokens or any(
+                s in tokenizer.decode(ids[-STOP_WINDOW:]) for s in STOP_STRINGS
+            ):
+                done.append((self.rows[r], Completion(tokenizer.decode(ids, skip_special_tokens=True), len(ids), False)))
+        return done
+
+    def drop(self, finished: set[int]) -> None:
+        """Remove finished rows, then the left columns that no remaining row uses."""
+        if not finished:
+            return
+        keep = [r for r, i in enumerate(self.rows) if i not in finished]
+        for name in ("rows", "generated", "generators"):
+            setattr(self, name, [getattr(self, name)[r] for r in keep])
+        if not keep:
+            return
+        import torch
+
+        index = torch.tensor(keep, device=self.mask.device)
+        self.mask = self.mask[index]
+        self.logits = self.logits[index]
+        first = int((self.mask.sum(0) > 0).nonzero()[0])
+        self.mask = self.mask[:, first:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index, :, first:]
+            layer.values = layer.values[index, :, first:]
+
+    def forward(self, model) -> None:
+        """Feed each row's last token; update the cache and the next-token logits."""
+        import torch
+
+        last = torch.tensor([[ids[-1]] for ids in self.generated], device=self.mask.device)
+        self.mask = torch.cat([self.mask, torch.ones_like(last)], dim=1)
+        out = model(
+            input_ids=last,
+            attention_mask=self.mask,
+            position_ids=self.mask.sum(-1, keepdim=True) - 1,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.cache = out.past_key_values
+        self.logits = out.logits[:, -1].float()
+
+    def merge(self, other: _Batch) -> _Batch:
+        """Concatenate two batches, left-padding the shorter cache and mask."""
+        import torch
+        import torch.nn.functional as F
+
+        length = max(self.mask.shape[1], other.mask.shape[1])
+
+        def left_pad(t, dim_from_end):
+            missing = length - t.shape[-dim_from_end]
+            return t if missing == 0 else F.pad(t, (0, 0) * (dim_from_end - 1) + (missing, 0))
+
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            mine.keys = torch.cat([left_pad(mine.keys, 2), left_pad(theirs.keys, 2)])
+            mine.values = torch.cat([left_pad(mine.values, 2), left_pad(theirs.values, 2)])
+        self.mask = torch.cat([left_pad(self.mask, 1), left_pad(other.mask, 1)])
+        self.logits = torch.cat([self.logits, other.logits])
+        self.rows += other.rows
+        self.generated += other.generated
+        self.generators += other.generators
+        return self

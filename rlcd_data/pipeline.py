@@ -11,11 +11,12 @@ from pathlib import Path
 from .config import BuildConfig
 from .conversation import extract_response
 from .errors import RlcdError
-from .generate import Generator, SamplingSettings
+from .generate import Generator, SamplingSettings, request_seed
 from .prompts import PromptSet, load_prompts
 from .tasks import ContrastPair, Task, load_task
 
 STAGING = ".rlcd-build"  # completed pairs land here as the build goes
+SIDES = ("chosen", "rejected")  # chosen comes from p+, rejected from p-
 
 
 @dataclass
@@ -118,75 +119,105 @@ def _generate_rows(
     staging: Path,
     progress: bool,
 ) -> list[dict]:
+    """Generate both sides of every pair, writing completed pairs to ``staging`` as they finish.
+
+    Each output may take up to ``1 + max_retries`` attempts; attempt ``a`` of
+    an output samples with its own seed, and the output is the first attempt
+    (lowest ``a``) that passes post-processing, exactly as a sequential retry
+    loop would give. Pairs are fed in chunks; pending retries ride along with
+    the next chunk, and when a call would leave the batch part-empty (the
+    tail of a build), later attempts of pending outputs fill the free slots
+    instead of waiting for the earlier ones to fail.
+    """
     from tqdm.auto import tqdm
 
     settings = SamplingSettings(config.max_new_tokens, config.temperature)
-    # A chunk is a few batches of pairs: long enough to sort by length, short enough to checkpoint often.
-    chunk = max(1, 2 * config.batch_size)
+    chunk = 4 * config.batch_size  # pairs per generate() call: 8 batches of sequences
+    responses: dict[tuple[int, str], str] = {}
+    next_attempt: dict[tuple[int, str], int] = {}  # outputs still pending -> first attempt not yet tried
+    dropped: set[int] = set()
     rows: list[dict] = []
     bar = tqdm(total=len(pairs), unit="pair", disable=not progress, dynamic_ncols=True, desc=f"rlcd {config.task}")
     clock = time.monotonic()
 
-    def on_batch(sequences: int, tokens: int) -> None:
+    def on_progress(finished: int, tokens: int) -> None:
         stats.generated_tokens += tokens
         elapsed = max(time.monotonic() - clock, 1e-9)
-        bar.set_postfix_str(f"{stats.generated_tokens / elapsed:.0f} tok/s, {stats.outputs_retried} retried")
+        bar.set_postfix_str(f"{stats.generated_tokens / elapsed:.0f} tok/s, {stats.outputs_retried} retried", refresh=False)
 
     try:
-        for start in range(0, len(pairs), chunk):
-            part = pairs[start : start + chunk]
-            new_rows = _generate_chunk(part, generator, settings, config, stats, start, on_batch)
-            _write_part(staging / f"part-{start // chunk:06d}.jsonl", new_rows)
+        start, part_number = 0, 0
+        while start < len(pairs) or next_attempt:
+            fresh = range(start, min(start + chunk, len(pairs)))
+            start = fresh.stop
+            next_attempt.update({(i, side): 0 for i in fresh for side in SIDES})
+            requests = _schedule(next_attempt, config.batch_size, config.max_retries)
+            texts = [pairs[i].p_plus if side == "chosen" else pairs[i].p_minus for (i, side), _ in requests]
+            seeds = [request_seed(config.seed, "sample", pairs[i].source_index, side, a) for (i, side), a in requests]
+            completions = generator.generate(texts, seeds, settings, on_progress)
+            outcomes: dict[tuple[int, str], dict[int, str | None]] = {}
+            for (key, attempt), completion in zip(requests, completions):
+                outcomes.setdefault(key, {})[attempt] = extract_response(completion.text, completion.ended)
+            for key, by_attempt in outcomes.items():
+                winner = next((a for a in sorted(by_attempt) if by_attempt[a] is not None), None)
+                if winner is not None:
+                    responses[key] = by_attempt[winner]
+                    stats.outputs_retried += winner - next_attempt.pop(key)
+                    continue
+                stats.outputs_retried += max(by_attempt) + 1 - next_attempt[key]
+                next_attempt[key] = max(by_attempt) + 1
+                if next_attempt[key] > config.max_retries:
+                    stats.outputs_retried -= 1  # the last failure is not followed by a retry
+                    dropped.add(key[0])
+            for key in [k for k in next_attempt if k[0] in dropped]:
+                del next_attempt[key]
+            waiting = {i for i, _ in next_attempt}
+            finished = sorted({i for i, _ in outcomes} - waiting)
+            new_rows = [_row(pairs[i], responses, i, generator) for i in finished if i not in dropped]
+            for i in finished:
+                if i in dropped:
+                    stats.examples_dropped += 1
+                    stats.dropped_source_indices.append(pairs[i].source_index)
+            _write_part(staging / f"part-{part_number:06d}.jsonl", new_rows)
+            part_number += 1
             rows.extend(new_rows)
-            bar.update(len(part))
+            stats.pairs += len(new_rows)
+            bar.update(len(finished))
     finally:
         bar.close()
+    rows.sort(key=lambda r: r["source_index"])
+    stats.dropped_source_indices.sort()
     return rows
 
 
-def _generate_chunk(part, generator, settings, config, stats, chunk_start, on_batch) -> list[dict]:
-    """Generate p+ and p- for each pair, re-generating failed outputs up to max_retries times."""
-    responses: dict[tuple[int, str], str] = {}
-    pending = [(i, side) for i in range(len(part)) for side in ("chosen", "rejected")]
-    for attempt in range(1 + config.max_retries):
-        if not pending:
+def _schedule(next_attempt: dict, batch_size: int, max_retries: int) -> list[tuple[tuple[int, str], int]]:
+    """One attempt per pending output; then, while the batch has free slots, later attempts round-robin."""
+    requests = [(key, a) for key, a in next_attempt.items()]
+    depth = 1
+    while len(requests) < batch_size:
+        extra = [(key, a + depth) for key, a in next_attempt.items() if a + depth <= max_retries]
+        if not extra:
             break
-        if attempt:
-            stats.outputs_retried += len(pending)
-        texts = [part[i].p_plus if side == "chosen" else part[i].p_minus for i, side in pending]
-        completions = generator.generate(texts, settings, seed=hash((config.seed, chunk_start, attempt)), on_batch=on_batch)
-        failed = []
-        for key, completion in zip(pending, completions):
-            response = extract_response(completion.text, completion.ended)
-            if response is None:
-                failed.append(key)
-            else:
-                responses[key] = response
-        pending = failed
-    rows = []
-    for i, pair in enumerate(part):
-        if (i, "chosen") in responses and (i, "rejected") in responses:
-            chosen, rejected = responses[i, "chosen"], responses[i, "rejected"]
-            rows.append(
-                {
-                    "prompt": pair.prompt,
-                    "chosen": chosen,
-                    "rejected": rejected,
-                    "p_plus": pair.p_plus,
-                    "p_minus": pair.p_minus,
-                    "descriptor_index": pair.descriptor_index,
-                    "positive_descriptor": pair.descriptors.positive,
-                    "negative_descriptor": pair.descriptors.negative,
-                    "source_index": pair.source_index,
-                    "chosen_tokens": generator.count_tokens(chosen),
-                    "rejected_tokens": generator.count_tokens(rejected),
-                }
-            )
-        else:
-            stats.examples_dropped += 1
-            stats.dropped_source_indices.append(pair.source_index)
-    stats.pairs += len(rows)
-    return rows
+        requests += extra[: batch_size - len(requests)]
+        depth += 1
+    return requests
+
+
+def _row(pair: ContrastPair, responses: dict, i: int, generator: Generator) -> dict:
+    chosen, rejected = responses[i, "chosen"], responses[i, "rejected"]
+    return {
+        "prompt": pair.prompt,
+        "chosen": chosen,
+        "rejected": rejected,
+        "p_plus": pair.p_plus,
+        "p_minus": pair.p_minus,
+        "descriptor_index": pair.descriptor_index,
+        "positive_descriptor": pair.descriptors.positive,
+        "negative_descriptor": pair.descriptors.negative,
+        "source_index": pair.source_index,
+        "chosen_tokens": generator.count_tokens(chosen),
+        "rejected_tokens": generator.count_tokens(rejected),
+    }
 
 
 def _write_part(path: Path, rows: list[dict]) -> None:

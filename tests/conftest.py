@@ -46,9 +46,10 @@ class FakeGenerator:
         self.calls: dict[str, int] = {}
         self.requests: list[list[str]] = []
 
-    def generate(self, prompts, settings, seed, on_batch=None):
+    def generate(self, prompts, seeds, settings, on_progress=None):
         from rlcd_data.generate import Completion
 
+        assert len(seeds) == len(prompts)
         self.requests.append(list(prompts))
         completions = []
         for prompt in prompts:
@@ -56,8 +57,8 @@ class FakeGenerator:
             self.calls[prompt] = n + 1
             text, ended = self.respond(prompt, n)
             completions.append(Completion(text, len(text.split()), ended))
-        if on_batch:
-            on_batch(len(prompts), sum(c.num_tokens for c in completions))
+        if on_progress:
+            on_progress(len(prompts), sum(c.num_tokens for c in completions))
         return completions
 
     def count_tokens(self, text):

@@ -42,24 +42,34 @@ def test_rows_keep_p_plus_and_p_minus_aligned(tmp_path, fake_generator):
         assert row["chosen_tokens"] == len(row["chosen"].split())
 
 
-def test_failed_outputs_are_retried_then_dropped(tmp_path, fake_generator):
+@pytest.mark.parametrize("batch_size, calls", [(1, 8 + 10), (32, 8 * 4)])
+def test_failed_outputs_are_retried_then_dropped(tmp_path, fake_generator, batch_size, calls):
+    """With free batch slots later attempts run alongside earlier ones; the outcome is the sequential one."""
+
     def respond(prompt, n):
         if "Question number 1?" in prompt:
             return "never ends", False  # cut off at the token limit every time
         if "Question number 2?" in prompt and n < 2:
-            return "", True  # empty twice, then fine
-        return "fine", True
+            return "", True  # empty on attempts 0 and 1, fine on attempt 2
+        return f"fine {n}", True
 
     generator = fake_generator(respond)
     config = BuildConfig(
-        task="harmless", prompts=str(prompts_file(tmp_path, 4)), output=str(tmp_path / "out"), max_retries=3
+        task="harmless", prompts=str(prompts_file(tmp_path, 4)), output=str(tmp_path / "out"),
+        max_retries=3, batch_size=batch_size,
     )
     result = build(config, generator=generator, progress=False)
     assert result.stats.pairs == 3 and result.stats.examples_dropped == 1
     assert result.stats.dropped_source_indices == [1]
     # question 1: both sides retried 3 times; question 2: both sides retried twice.
     assert result.stats.outputs_retried == 2 * 3 + 2 * 2
-    assert sum(generator.calls.values()) == 8 + result.stats.outputs_retried
+    assert sum(generator.calls.values()) == calls
+    import datasets
+
+    rows = datasets.load_dataset(str(tmp_path / "out"), split="train").to_list()
+    assert [(r["source_index"], r["chosen"], r["rejected"]) for r in rows] == [
+        (0, "fine 0", "fine 0"), (2, "fine 2", "fine 2"), (3, "fine 0", "fine 0")
+    ]
     card = (result.output / "README.md").read_text()
     assert "| examples dropped after 3 retries | 1 |" in card
 

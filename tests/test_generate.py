@@ -1,0 +1,78 @@
+"""The continuously refilled generator with a tiny random Llama."""
+
+from __future__ import annotations
+
+import pytest
+
+from rlcd_data.generate import SamplingSettings, TransformersGenerator, request_seed
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from rlcd_data.models import load_causal_lm
+
+    model, tokenizer, _ = load_causal_lm(str(tiny_model_dir), quantization="none")
+    return model, tokenizer
+
+
+PROMPTS = [
+    "\n\nHuman: Hi\n\nAssistant:",
+    "\n\nHuman: A much longer question about gardening, cooking and the weather tomorrow?\n\nAssistant:",
+    "\n\nHuman: Why?\n\nAssistant: Because.\n\nHuman: Why not?\n\nAssistant:",
+    "\n\nHuman: Tell me a story about a dragon who opens a bakery in a small town.\n\nAssistant:",
+    "\n\nHuman: Count to three.\n\nAssistant:",
+]
+
+
+def test_output_depends_on_seed_not_on_batch_or_order(tiny):
+    model, tokenizer = tiny
+    settings = SamplingSettings(max_new_tokens=30)
+    seeds = [request_seed("test", i) for i in range(len(PROMPTS))]
+    alone = [TransformersGenerator(model, tokenizer, batch_size=1).generate([p], [s], settings)[0]
+             for p, s in zip(PROMPTS, seeds)]
+    # Batch of 2 with refills: rows join a running batch with other prompts and cache lengths.
+    together = TransformersGenerator(model, tokenizer, batch_size=2).generate(PROMPTS, seeds, settings)
+    reversed_ = TransformersGenerator(model, tokenizer, batch_size=4).generate(PROMPTS[::-1], seeds[::-1], settings)
+    assert together == alone
+    assert reversed_[::-1] == alone
+    other_seed = TransformersGenerator(model, tokenizer, batch_size=4).generate(
+        PROMPTS, [s + 1 for s in seeds], settings
+    )
+    assert other_seed != alone
+
+
+def test_sequences_stop_at_eos_or_limit_and_progress_counts_tokens(tiny):
+    model, tokenizer = tiny
+    seen = []
+    completions = TransformersGenerator(model, tokenizer, batch_size=3).generate(
+        PROMPTS * 4, list(range(20)), SamplingSettings(max_new_tokens=12), lambda done, tokens: seen.append((done, tokens))
+    )
+    assert sum(d for d, _ in seen) == 20
+    assert sum(t for _, t in seen) == sum(c.num_tokens for c in completions)
+    assert all(1 <= c.num_tokens <= 12 for c in completions)
+    ended = [c for c in completions if c.ended]
+    assert ended and len(ended) < 20  # some end at EOS, some run into the limit
+    assert all(c.num_tokens == 12 for c in completions if not c.ended and "Human" not in c.text)
+    for c in completions:
+        assert len(tokenizer(c.text, add_special_tokens=False)["input_ids"]) <= c.num_tokens + 2
+
+
+def test_stop_string_ends_a_sequence(tiny):
+    """Force the tiny model to write "\\nHuman" by making it the only likely continuation."""
+    import torch
+
+    model, tokenizer = tiny
+    target = tokenizer("\nHuman", add_special_tokens=False)["input_ids"]
+    original = model.lm_head.weight.detach().clone()
+    try:
+        with torch.no_grad():
+            model.lm_head.weight[:, 0] = 0.0
+            for t in target:  # a random mix of "\n" and "Human" tokens soon spells "\nHuman"
+                model.lm_head.weight[t, 0] = 5.0
+        completion = TransformersGenerator(model, tokenizer, batch_size=2).generate(
+            PROMPTS[:1], [1], SamplingSettings(max_new_tokens=50)
+        )[0]
+    finally:
+        with torch.no_grad():
+            model.lm_head.weight.copy_(original)
+    assert completion.text.endswith("\nHuman") and not completion.ended and completion.num_tokens < 50
