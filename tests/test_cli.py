@@ -79,6 +79,7 @@ BAD_INPUTS = {
     "model folder missing": (["build", "harmless", "--limit", "1", "--model", "{tmp}/no-model"], "no such model folder"),
     "output exists": (["build", "harmless", "--output", "{tmp}/full"], "full: output folder exists and is not empty (pass --overwrite"),
     "unknown config key": (["build", "--config", "{tmp}/bad.yaml"], "bad.yaml: unknown option(s): temprature"),
+    "push while offline": (["build", "harmless", "--push-to-hub", "a/b"], "cannot push: HF_HUB_OFFLINE is set"),
     "bad choice in config": (["build", "--config", "{tmp}/badchoice.yaml"], "unknown format 'chat'"),
 }
 

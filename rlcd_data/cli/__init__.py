@@ -6,9 +6,9 @@ import argparse
 import sys
 
 from ..errors import RlcdError
-from . import build, ls, preview
+from . import build, ls, preview, push
 
-COMMANDS = {"build": build, "preview": preview, "ls": ls}
+COMMANDS = {"build": build, "push": push, "preview": preview, "ls": ls}
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..config import BuildConfig
 from ._dataclass_args import add_dataclass_arguments, config_from_args
+from .push import add_push_arguments, report
 
 
 def add_parser(sub) -> None:
@@ -14,12 +15,18 @@ def add_parser(sub) -> None:
         "and write the pairs as a Hugging Face dataset folder with its card.",
     )
     add_dataclass_arguments(parser, BuildConfig, positional=("task",))
+    hub = parser.add_argument_group("publishing")
+    add_push_arguments(hub, repo_flag="--push-to-hub", required=False)
 
 
 def run(args) -> int:
     from ..pipeline import build
 
     config = config_from_args(args, BuildConfig)
+    if args.repo_id:
+        from ..hub import check_can_push
+
+        check_can_push(args.token)  # fail before hours of generation, not after
     result = build(config)
     s = result.stats
     print(
@@ -30,4 +37,8 @@ def run(args) -> int:
         f"{s.seconds:.0f} s, {s.pairs / max(s.seconds, 1e-9):.2f} pairs/s"
     )
     print(f"load it with: {result.load_line()}")
+    if args.repo_id:
+        from ..hub import push
+
+        report(push(result.output, args.repo_id, private=args.private, token=args.token))
     return 0
