@@ -109,7 +109,7 @@ def _push(folder, files, repo_id, private, revision, commit_message, token, endp
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
     api = HfApi(endpoint=endpoint, token=token)
-    repo_url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+    repo_url = api.create_repo(repo_id, repo_type="dataset", private=private or None, exist_ok=True)
     if revision:
         api.create_branch(repo_id, repo_type="dataset", branch=revision, exist_ok=True)
     existing = set(api.list_repo_files(repo_id, repo_type="dataset", revision=revision))

@@ -18,7 +18,7 @@ from urllib.parse import unquote, urlparse
 class FakeHub:
     def __init__(self, token: str = "hf_test_token"):
         self.token = token
-        self.repos: dict[str, dict[str, bytes]] = {}
+        self.repos: dict[str, dict[str, bytes]] = {}  # "ns/name" (main) or "ns/name@branch" -> files
         self.lfs: dict[str, bytes] = {}
         self.requests: list[tuple[str, str, bytes]] = []  # (method, path, body)
         self.fail_next_commits = 0  # answer this many commits with HTTP 500
@@ -37,6 +37,10 @@ class FakeHub:
 
     def all_bytes_received(self) -> bytes:
         return b"".join(body for _, _, body in self.requests)
+
+
+def _key(repo: str, revision: str) -> str:
+    return repo if revision == "main" else f"{repo}@{revision}"
 
 
 def _handler(hub: FakeHub):
@@ -85,6 +89,11 @@ def _handler(hub: FakeHub):
                 repo = f"{req['organization']}/{req['name']}" if req.get("organization") else req["name"]
                 hub.repos.setdefault(repo, {})
                 return self._reply(200, {"url": f"{hub.endpoint}/datasets/{repo}", "name": repo})
+            if (r := re.fullmatch(r"/api/datasets/([^/]+/[^/]+)/branch/([^/]+)", path)) and self.command == "POST":
+                if _key(r.group(1), r.group(2)) in hub.repos:
+                    return self._reply(409, {"error": "Reference already exists"})
+                hub.repos[_key(r.group(1), r.group(2))] = dict(hub.repos.get(r.group(1), {}))
+                return self._reply(200, {})
             if m == ("POST", "/api/validate-yaml"):
                 return self._reply(200, {"warnings": [], "errors": []})
             if (r := re.fullmatch(r"/api/datasets/([^/]+/[^/]+)/preupload/([^/]+)", path)) and self.command == "POST":
@@ -104,9 +113,9 @@ def _handler(hub: FakeHub):
                 if hub.fail_next_commits:
                     hub.fail_next_commits -= 1
                     return self._reply(500, {"error": "Internal Error"})
-                return self._commit(r.group(1), body)
+                return self._commit(_key(r.group(1), r.group(2)), body)
             if (r := re.fullmatch(r"/api/datasets/([^/]+/[^/]+)/tree/([^/]+)(/.*)?", path)) and self.command == "GET":
-                repo, prefix = r.group(1), (r.group(3) or "/")[1:]
+                repo, prefix = _key(r.group(1), r.group(2)), (r.group(3) or "/")[1:]
                 if repo not in hub.repos:
                     return self._reply(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
                 files = [p for p in hub.repos[repo] if not prefix or p == prefix or p.startswith(prefix + "/")]
@@ -122,7 +131,7 @@ def _handler(hub: FakeHub):
                 return self._reply(200, {"id": repo, "sha": "0" * 40, "private": False,
                                          "siblings": [{"rfilename": p} for p in sorted(hub.repos[repo])]})
             if (r := re.fullmatch(r"/datasets/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)) and self.command in ("GET", "HEAD"):
-                repo, file = r.group(1), r.group(3)
+                repo, file = _key(r.group(1), r.group(2)), r.group(3)
                 data = hub.repos.get(repo, {}).get(file)
                 if data is None:
                     return self._reply(404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound"})

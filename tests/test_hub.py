@@ -53,8 +53,10 @@ def test_push_uploads_data_card_and_config_in_one_commit(hub, tmp_path, fake_gen
 
     folder = built(tmp_path, fake_generator, test_size=2)
     before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-    result = push(folder, "alice/rlcd-harmless", token=TOKEN, endpoint=hub.endpoint)
+    result = push(folder, "alice/rlcd-harmless", token=TOKEN, endpoint=hub.endpoint, private=True)
     assert hub.commits == 1
+    create = next(json.loads(body) for method, path, body in hub.requests if path == "/api/repos/create")
+    assert create["visibility"] == "private" and create["type"] == "dataset"
     files = hub.repos["alice/rlcd-harmless"]
     assert sorted(files) == [
         "README.md", "data/test-00000-of-00001.parquet", "data/train-00000-of-00001.parquet", "rlcd_build.yaml"
@@ -94,6 +96,19 @@ def test_second_push_replaces_data_and_keeps_hand_made_metadata(hub, tmp_path, f
     assert meta["license"] == "cc-by-4.0" and "my-own-tag" in meta["tags"] and "rlcd" in meta["tags"]
     assert [s["name"] for s in meta["dataset_info"]["splits"]] == ["train"]
     assert meta["configs"][0]["data_files"] == [{"split": "train", "path": "data/train-*"}]
+
+
+def test_push_to_a_branch_leaves_main_alone(hub, tmp_path, fake_generator):
+    folder = built(tmp_path, fake_generator)
+    push(folder, "alice/ds", token=TOKEN, endpoint=hub.endpoint)
+    main_before = dict(hub.repos["alice/ds"])
+    smaller = built(tmp_path, fake_generator, n=2, name="new")
+    result = push(smaller, "alice/ds", token=TOKEN, endpoint=hub.endpoint, revision="v2", commit_message="Second build")
+    assert hub.repos["alice/ds"] == main_before
+    assert card_yaml(hub, "alice/ds@v2")["dataset_info"]["splits"][0]["num_examples"] == 2
+    assert "/commit/" in result.commit_url
+    commit = next(body for method, path, body in hub.requests if "/commit/v2" in path)
+    assert json.loads(commit.decode().splitlines()[0])["value"]["summary"] == "Second build"
 
 
 def test_server_error_then_retry_completes(hub, tmp_path, fake_generator):
