@@ -38,8 +38,9 @@ class Completion:
     ended: bool  # stopped at end-of-sequence (not at a stop string or the token limit)
 
 
-# Called after each decoding step with (sequences finished, new tokens generated) in that step.
-ProgressCallback = Callable[[int, int], None]
+# Called after each decoding step with the requests finished in it, as (index into the
+# caller's prompts, Completion), and the number of new tokens generated in it.
+ProgressCallback = Callable[[list[tuple[int, "Completion"]], int], None]
 
 
 def request_seed(*parts: object) -> int:
@@ -106,7 +107,7 @@ class TransformersGenerator:
                 for i, completion in done:
                     results[i] = completion
                 if on_progress:
-                    on_progress(len(done), len(batch.rows))  # one new token per row
+                    on_progress(done, len(batch.rows))  # one new token per row
                 batch.drop({i for i, _ in done})
                 if batch.rows:
                     batch.forward(self.model)

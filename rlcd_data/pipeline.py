@@ -139,11 +139,28 @@ def _generate_rows(
     rows: list[dict] = []
     bar = tqdm(total=len(pairs), unit="pair", disable=not progress, dynamic_ncols=True, desc=f"rlcd {config.task}")
     clock = time.monotonic()
+    call: dict = {"requests": [], "outcomes": {}}  # the generate() call under way
+    counted: set[int] = set()  # pairs already shown as done on the progress bar
 
-    def on_progress(finished: int, tokens: int) -> None:
+    def resolved(key: tuple[int, str]) -> bool:
+        """Known to succeed: some attempt passed and every earlier one is known to have failed."""
+        if key in responses:
+            return True
+        by_attempt, attempt = call["outcomes"].get(key, {}), next_attempt.get(key, 0)
+        while attempt in by_attempt and by_attempt[attempt] is None:
+            attempt += 1
+        return by_attempt.get(attempt) is not None
+
+    def on_progress(done: list, tokens: int) -> None:
         stats.generated_tokens += tokens
+        for index, completion in done:
+            key, attempt = call["requests"][index]
+            call["outcomes"].setdefault(key, {})[attempt] = extract_response(completion.text, completion.ended)
+            if key[0] not in counted and all(resolved((key[0], side)) for side in SIDES):
+                counted.add(key[0])
+                bar.update(1)
         elapsed = max(time.monotonic() - clock, 1e-9)
-        bar.set_postfix_str(f"{stats.generated_tokens / elapsed:.0f} tok/s, {stats.outputs_retried} retried", refresh=False)
+        bar.set_postfix_str(f"{stats.generated_tokens / elapsed:.0f} tok/s, {stats.outputs_retried} retried")
 
     try:
         start, part_number = 0, 0
@@ -154,10 +171,12 @@ def _generate_rows(
             requests = _schedule(next_attempt, config.batch_size, config.max_retries)
             texts = [pairs[i].p_plus if side == "chosen" else pairs[i].p_minus for (i, side), _ in requests]
             seeds = [request_seed(config.seed, "sample", pairs[i].source_index, side, a) for (i, side), a in requests]
+            call.update(requests=requests, outcomes={})
             completions = generator.generate(texts, seeds, settings, on_progress)
-            outcomes: dict[tuple[int, str], dict[int, str | None]] = {}
+            outcomes: dict[tuple[int, str], dict[int, str | None]] = call["outcomes"]
             for (key, attempt), completion in zip(requests, completions):
-                outcomes.setdefault(key, {})[attempt] = extract_response(completion.text, completion.ended)
+                if attempt not in outcomes.get(key, {}):  # a generator that reported no progress
+                    outcomes.setdefault(key, {})[attempt] = extract_response(completion.text, completion.ended)
             for key, by_attempt in outcomes.items():
                 winner = next((a for a in sorted(by_attempt) if by_attempt[a] is not None), None)
                 if winner is not None:
@@ -182,7 +201,8 @@ def _generate_rows(
             part_number += 1
             rows.extend(new_rows)
             stats.pairs += len(new_rows)
-            bar.update(len(finished))
+            bar.update(len(set(finished) - counted))
+            counted.update(finished)
     finally:
         bar.close()
     rows.sort(key=lambda r: r["source_index"])

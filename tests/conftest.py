@@ -60,7 +60,7 @@ class FakeGenerator:
             text, ended = self.respond(prompt, n)
             completions.append(Completion(text, len(text.split()), ended))
         if on_progress:
-            on_progress(len(prompts), sum(c.num_tokens for c in completions))
+            on_progress(list(enumerate(completions)), sum(c.num_tokens for c in completions))
         return completions
 
     def count_tokens(self, text):

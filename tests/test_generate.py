@@ -47,7 +47,8 @@ def test_sequences_stop_at_eos_or_limit_and_progress_counts_tokens(tiny):
     completions = TransformersGenerator(model, tokenizer, batch_size=3).generate(
         PROMPTS * 4, list(range(20)), SamplingSettings(max_new_tokens=12), lambda done, tokens: seen.append((done, tokens))
     )
-    assert sum(d for d, _ in seen) == 20
+    assert sorted(i for done, _ in seen for i, _ in done) == list(range(20))
+    assert all(completions[i] == c for done, _ in seen for i, c in done)
     assert sum(t for _, t in seen) == sum(c.num_tokens for c in completions)
     assert all(1 <= c.num_tokens <= 12 for c in completions)
     ended = [c for c in completions if c.ended]

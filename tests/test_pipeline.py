@@ -176,3 +176,18 @@ def test_bad_config_values():
     assert BuildConfig(task="harmless").output == "rlcd-harmless"
     a, b = BuildConfig(task="harmless"), BuildConfig(task="harmless", batch_size=64, output="elsewhere")
     assert a.fingerprint() == b.fingerprint() != BuildConfig(task="harmless", seed=1).fingerprint()
+
+
+def test_progress_counts_pairs_as_they_finish_within_a_call(tmp_path, fake_generator, capsys):
+    class OneAtATime(fake_generator):
+        def generate(self, prompts, seeds, settings, on_progress=None):
+            completions = super().generate(prompts, seeds, settings)  # no progress from the parent
+            for i, completion in enumerate(completions):
+                on_progress([(i, completion)], completion.num_tokens)
+            return completions
+
+    config = BuildConfig(task="harmless", prompts=str(prompts_file(tmp_path, 3)), output=str(tmp_path / "out"))
+    build(config, generator=OneAtATime(), progress=True)
+    err = capsys.readouterr().err
+    # All 3 pairs go to the generator in one call; the bar still moves pair by pair.
+    assert "1/3" in err and "2/3" in err and "3/3" in err and "tok/s" in err
