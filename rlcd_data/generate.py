@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from .conversation import STOP_STRINGS
@@ -99,7 +99,7 @@ class TransformersGenerator:
         refill_below = max(1, int(self.batch_size * (1 - self.refill_at)))
         with torch.inference_mode():
             while queue or batch is not None:
-                active = len(batch.rows) if batch else 0
+                active = batch.active if batch else 0
                 if queue and (active == 0 or active <= refill_below):
                     new = [queue.popleft() for _ in range(min(self.batch_size - active, len(queue)))]
                     batch = self._admit(batch, new, [encoded[i] for i in new], [seeds[i] for i in new])
@@ -107,9 +107,9 @@ class TransformersGenerator:
                 for i, completion in done:
                     results[i] = completion
                 if on_progress:
-                    on_progress(done, len(batch.rows))  # one new token per row
-                batch.drop({i for i, _ in done})
-                if batch.rows:
+                    on_progress(done, batch.active)  # one new token per live row
+                batch.finish({i for i, _ in done})
+                if batch.active:
                     batch.forward(self.model)
                 else:
                     batch = None
@@ -120,6 +120,10 @@ class TransformersGenerator:
         import torch
         from transformers import DynamicCache
 
+        # Identical prompts (attempts of one output, run side by side) share one prefill.
+        unique = list(dict.fromkeys(map(tuple, ids)))
+        source_row = torch.tensor([unique.index(tuple(x)) for x in ids])
+        ids = [list(x) for x in unique]
         length = max(map(len, ids))
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (length - len(x)) + x for x in ids])
@@ -133,15 +137,22 @@ class TransformersGenerator:
             use_cache=True,
             logits_to_keep=1,
         )
+        cache = out.past_key_values
+        if len(unique) < len(rows):
+            for layer in cache.layers:
+                layer.batch_select_indices(source_row.to(device))
         new = _Batch(
             rows=rows,
             generated=[[] for _ in rows],
             generators=[torch.Generator().manual_seed(s) for s in seeds],
-            cache=out.past_key_values,
-            mask=mask.to(device),
-            logits=out.logits[:, -1].float(),
+            cache=cache,
+            mask=mask[source_row].to(device),
+            logits=out.logits[:, -1].float()[source_row.to(device)],
         )
-        return new if batch is None else batch.merge(new)
+        if batch is None:
+            return new
+        batch.compact()
+        return batch.merge(new)
 
 
 @dataclass
@@ -154,6 +165,13 @@ class _Batch:
     cache: object  # DynamicCache, [rows, heads, length, dim] per layer
     mask: object  # [rows, length] attention mask, left-padded
     logits: object  # [rows, vocab] next-token logits
+    # Finished rows stay in the tensors (decoded, ignored) until a quarter of the batch has
+    # finished: removing them copies the whole cache, too costly to do for every row.
+    dead: set = field(default_factory=set)
+
+    @property
+    def active(self) -> int:
+        return len(self.rows) - len(self.dead)
 
     def sample(self, settings: SamplingSettings, tokenizer) -> list[tuple[int, Completion]]:
         """Sample one token per row; return the rows that finished, with their completions."""
@@ -168,6 +186,8 @@ class _Batch:
         eos = tokenizer.eos_token_id
         done = []
         for r, token in enumerate(tokens):
+            if r in self.dead:
+                continue
             ids = self.generated[r]
             ids.append(token)
             if token == eos:
@@ -178,11 +198,18 @@ class _Batch:
                 done.append((self.rows[r], Completion(tokenizer.decode(ids, skip_special_tokens=True), len(ids), False)))
         return done
 
-    def drop(self, finished: set[int]) -> None:
+    def finish(self, finished: set[int]) -> None:
+        """Mark rows (by request index) finished; compact once a quarter of the batch is."""
+        self.dead.update(r for r, i in enumerate(self.rows) if i in finished)
+        if self.dead and (len(self.dead) >= max(1, len(self.rows) // 4) or not self.active):
+            self.compact()
+
+    def compact(self) -> None:
         """Remove finished rows, then the left columns that no remaining row uses."""
-        if not finished:
+        if not self.dead:
             return
-        keep = [r for r, i in enumerate(self.rows) if i not in finished]
+        keep = [r for r in range(len(self.rows)) if r not in self.dead]
+        self.dead = set()
         for name in ("rows", "generated", "generators"):
             setattr(self, name, [getattr(self, name)[r] for r in keep])
         if not keep:

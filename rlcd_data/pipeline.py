@@ -107,6 +107,11 @@ def build(config: BuildConfig, generator: Generator | None = None, progress: boo
     staging.mkdir(parents=True, exist_ok=True)
     rows = _generate_rows(pairs, generator, config, stats, staging, progress)
     stats.seconds = time.monotonic() - started
+    if not rows:
+        raise RlcdError(
+            f"no pairs: all {len(pairs)} examples failed after {config.max_retries} retries "
+            f"(every output was empty or cut off at --max-new-tokens {config.max_new_tokens}; try a larger limit)"
+        )
     splits = output.write_dataset_folder(out, rows, config=config, task=task, stats=stats, model=generator.description)
     return BuildResult(out, config, stats, splits, generator.description)
 

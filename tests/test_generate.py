@@ -17,6 +17,7 @@ def tiny(tiny_model_dir):
 
 PROMPTS = [
     "\n\nHuman: Hi\n\nAssistant:",
+    "\n\nHuman: Hi\n\nAssistant:",  # the same prompt twice (as retries are): one shared prefill
     "\n\nHuman: A much longer question about gardening, cooking and the weather tomorrow?\n\nAssistant:",
     "\n\nHuman: Why?\n\nAssistant: Because.\n\nHuman: Why not?\n\nAssistant:",
     "\n\nHuman: Tell me a story about a dragon who opens a bakery in a small town.\n\nAssistant:",
@@ -32,6 +33,7 @@ def test_output_depends_on_seed_not_on_batch_or_order(tiny):
              for p, s in zip(PROMPTS, seeds)]
     # Batch of 2 with refills: rows join a running batch with other prompts and cache lengths.
     together = TransformersGenerator(model, tokenizer, batch_size=2).generate(PROMPTS, seeds, settings)
+    assert alone[0] != alone[1]  # same prompt, own seed
     reversed_ = TransformersGenerator(model, tokenizer, batch_size=4).generate(PROMPTS[::-1], seeds[::-1], settings)
     assert together == alone
     assert reversed_[::-1] == alone
@@ -45,7 +47,7 @@ def test_sequences_stop_at_eos_or_limit_and_progress_counts_tokens(tiny):
     model, tokenizer = tiny
     seen = []
     completions = TransformersGenerator(model, tokenizer, batch_size=3).generate(
-        PROMPTS * 4, list(range(20)), SamplingSettings(max_new_tokens=12), lambda done, tokens: seen.append((done, tokens))
+        PROMPTS[1:] * 4, list(range(20)), SamplingSettings(max_new_tokens=12), lambda done, tokens: seen.append((done, tokens))
     )
     assert sorted(i for done, _ in seen for i, _ in done) == list(range(20))
     assert all(completions[i] == c for done, _ in seen for i, c in done)

@@ -191,3 +191,16 @@ def test_progress_counts_pairs_as_they_finish_within_a_call(tmp_path, fake_gener
     err = capsys.readouterr().err
     # All 3 pairs go to the generator in one call; the bar still moves pair by pair.
     assert "1/3" in err and "2/3" in err and "3/3" in err and "tok/s" in err
+
+
+def test_no_pairs_is_a_clear_error_and_keeps_an_existing_dataset(tmp_path, fake_generator):
+    out = tmp_path / "out"
+    build(BuildConfig(task="harmless", prompts=str(prompts_file(tmp_path, 2)), output=str(out)),
+          generator=fake_generator(), progress=False)
+    before = (out / "data" / "train-00000-of-00001.parquet").read_bytes()
+    never_ends = fake_generator(lambda prompt, n: ("rambling", False))
+    config = BuildConfig(task="harmless", prompts=str(prompts_file(tmp_path, 2)), output=str(out), overwrite=True,
+                         max_retries=1)
+    with pytest.raises(RlcdError, match="no pairs: all 2 examples failed after 1 retries"):
+        build(config, generator=never_ends, progress=False)
+    assert (out / "data" / "train-00000-of-00001.parquet").read_bytes() == before

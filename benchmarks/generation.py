@@ -1,0 +1,178 @@
+"""Generation throughput: the released RLCD loop's behaviour vs `rlcd-data build`'s generator.
+
+    .venv/bin/python benchmarks/generation.py [--prompts 64] [--max-new-tokens 300] [--dtype float32] [--runs 1]
+
+Each generator runs in its own process on the same prompts, model and settings:
+
+(a) released-loop baseline: p+ and p- as separate queue entries in input order, fixed batches of 16,
+    left padding, every batch decoded until all its rows end or reach max_new_tokens (no stop string),
+    the paper's post-hoc cut, failed outputs re-queued up to 5 times, again in batches of 16;
+(b) `rlcd-data build`'s generator (length-sorted, continuously refilled batch, per-row stop).
+
+Reports completed pairs per second, useful tokens per second (tokens kept after the cut), tokens
+generated, peak resident memory, the ratio (b)/(a), and the machine's ceiling: a measured matmul rate
+divided by the forward-pass FLOPs per generated token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+HH_PROMPTS = REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-prompts.jsonl"
+
+
+def load(args):
+    import logging
+
+    from rlcd_data.models import load_causal_lm
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    return load_causal_lm(args.model, "none", args.dtype)
+
+
+def contrast_pairs(args):
+    from rlcd_data.config import BuildConfig
+    from rlcd_data.pipeline import prepare
+
+    _, _, pairs = prepare(BuildConfig(task="harmless", prompts=str(args.hh), limit=args.prompts, output="-"))
+    return pairs
+
+
+def run_baseline(args) -> dict:
+    """(a) The released loop's behaviour."""
+    import torch
+
+    from rlcd_data.conversation import extract_response
+
+    model, tok, _ = load(args)
+    pairs = contrast_pairs(args)
+    queue = [(i, side, 0) for i in range(len(pairs)) for side in ("chosen", "rejected")]
+    responses, failed, generated = {}, set(), 0
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    while queue:
+        retry = []
+        for b in range(0, len(queue), 16):
+            batch = queue[b : b + 16]
+            texts = [pairs[i].p_plus if side == "chosen" else pairs[i].p_minus for i, side, _ in batch]
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            with torch.inference_mode():
+                out = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                     max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id)
+            new = out[:, enc["input_ids"].shape[1]:]
+            generated += new.numel()  # every row runs as long as the batch does
+            for (i, side, attempt), ids in zip(batch, new.tolist()):
+                ended = tok.eos_token_id in ids
+                text = tok.decode(ids[: ids.index(tok.eos_token_id)] if ended else ids, skip_special_tokens=True)
+                response = extract_response(text, ended)
+                if response is not None:
+                    responses[i, side] = response
+                elif attempt < 5:
+                    retry.append((i, side, attempt + 1))
+                else:
+                    failed.add(i)
+        queue = [r for r in retry if r[0] not in failed]
+    seconds = time.perf_counter() - start
+    done = [i for i in range(len(pairs)) if (i, "chosen") in responses and (i, "rejected") in responses]
+    useful = sum(len(tok(responses[i, s], add_special_tokens=False)["input_ids"]) for i in done for s in ("chosen", "rejected"))
+    return {"pairs": len(done), "seconds": seconds, "generated_tokens": generated, "useful_tokens": useful}
+
+
+def run_build(args) -> dict:
+    """(b) rlcd-data build's generator, through the build pipeline."""
+    from rlcd_data.config import BuildConfig
+    from rlcd_data.generate import TransformersGenerator
+    from rlcd_data.pipeline import build
+
+    model, tok, source = load(args)
+    out = Path(tempfile.mkdtemp()) / "out"
+    config = BuildConfig(task="harmless", prompts=str(args.hh), limit=args.prompts, output=str(out),
+                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    start = time.perf_counter()
+    result = build(config, generator=TransformersGenerator(model, tok, args.batch_size, source.description), progress=False)
+    seconds = time.perf_counter() - start
+    import datasets
+
+    rows = datasets.load_dataset(str(out), split="train")
+    useful = sum(rows["chosen_tokens"]) + sum(rows["rejected_tokens"])
+    return {"pairs": result.stats.pairs, "seconds": seconds, "generated_tokens": result.stats.generated_tokens,
+            "useful_tokens": useful}
+
+
+def ceiling(args) -> dict:
+    """Measured matmul rate / forward FLOPs per token (2 x parameters used per token)."""
+    import torch
+
+    model, _, _ = load(args)
+    params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    if model.config.tie_word_embeddings:
+        params += model.get_output_embeddings().weight.numel()
+    dtype = next(model.parameters()).dtype
+    a = torch.randn(args.batch_size, model.config.hidden_size, dtype=dtype)
+    w = torch.randn(model.config.intermediate_size, model.config.hidden_size, dtype=dtype)
+    for _ in range(10):
+        torch.nn.functional.linear(a, w)
+    n, start = 2000, time.perf_counter()
+    for _ in range(n):
+        torch.nn.functional.linear(a, w)
+    flops = 2 * a.shape[0] * w.numel() * n / (time.perf_counter() - start)
+    return {"flops_per_token": 2 * params, "matmul_gflops": flops / 1e9, "ceiling_tokens_per_s": flops / (2 * params)}
+
+
+def child(args) -> None:
+    result = {"a": run_baseline, "b": run_build, "ceiling": ceiling}[args.child](args)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result))
+
+
+def spawn(args, which: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", which] + [
+        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("child", "runs")
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=300)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--batch-size", type=int, default=32, help="batch size of (b); (a) always uses 16")
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--hh", default=str(HH_PROMPTS))
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+    print(f"{args.prompts} prompts, max {args.max_new_tokens} new tokens, {args.dtype}, model {args.model}")
+    limit = spawn(args, "ceiling")
+    print(f"ceiling: {limit['matmul_gflops']:.1f} GFLOP/s matmul / {limit['flops_per_token'] / 1e6:.0f} MFLOP per token"
+          f" = {limit['ceiling_tokens_per_s']:.0f} tokens/s")
+    runs = {"a": [], "b": []}
+    for run in range(args.runs):
+        for which in ("a", "b"):
+            r = spawn(args, which)
+            runs[which].append(r)
+            print(f"run {run + 1} ({which}): {r['pairs']} pairs in {r['seconds']:.0f} s = {r['pairs'] / r['seconds']:.3f} pairs/s, "
+                  f"{r['useful_tokens'] / r['seconds']:.1f} useful tok/s, {r['generated_tokens']} tokens generated "
+                  f"({r['generated_tokens'] / r['seconds']:.0f} tok/s, {100 * r['generated_tokens'] / r['seconds'] / limit['ceiling_tokens_per_s']:.0f}% of ceiling), "
+                  f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+    med = {w: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for w, rs in runs.items()}
+    pps = {w: m["pairs"] / m["seconds"] for w, m in med.items()}
+    print(f"median pairs/s: (a) {pps['a']:.3f}, (b) {pps['b']:.3f}, ratio (b)/(a) = {pps['b'] / pps['a']:.2f}; "
+          f"peak RSS ratio (b)/(a) = {med['b']['peak_rss_mb'] / med['a']['peak_rss_mb']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
