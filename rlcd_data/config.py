@@ -22,7 +22,9 @@ FORMATS = ("standard", "conversational")
 METHODS = ("rlcd",)
 
 # Fields that do not change what a build writes; left out of its fingerprint.
-OUTPUT_NEUTRAL_FIELDS = frozenset({"output", "overwrite", "batch_size"})
+OUTPUT_NEUTRAL_FIELDS = frozenset({"output", "overwrite", "resume", "batch_size"})
+# Actions for one run, not part of what was built: not saved with the dataset.
+ACTION_FIELDS = ("overwrite", "resume")
 
 
 @dataclass
@@ -98,6 +100,10 @@ class BuildConfig:
     )
     license: str = field(default="mit", metadata={"help": "Licence id for the dataset card (check the prompts' and model's terms)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing, non-empty output folder."})
+    resume: bool = field(
+        default=False,
+        metadata={"help": "Continue an interrupted build in the same --output folder, keeping its completed pairs."},
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -117,24 +123,28 @@ class BuildConfig:
             raise RlcdError(f"temperature must be positive, got {self.temperature}")
         if self.test_size < 0 or (self.test_size >= 1 and self.test_size != int(self.test_size)):
             raise RlcdError(f"test_size must be a fraction in (0, 1) or a whole number of pairs, got {self.test_size}")
+        if self.overwrite and self.resume:
+            raise RlcdError("--overwrite and --resume exclude each other")
         if self.output is None:
             self.output = f"rlcd-{self.task}"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def output_fields(self) -> dict[str, Any]:
+        """The fields that change the output (not batch size, output folder or run actions)."""
+        return {k: v for k, v in self.to_dict().items() if k not in OUTPUT_NEUTRAL_FIELDS}
+
     def fingerprint(self) -> str:
-        """A short hash of the fields that change the output (not batch size or output folder)."""
-        relevant = {k: v for k, v in self.to_dict().items() if k not in OUTPUT_NEUTRAL_FIELDS}
-        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+        """A short hash of `output_fields`."""
+        return hashlib.sha256(json.dumps(self.output_fields(), sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:
         header = (
             "# rlcd-data build configuration. Re-run this build with:\n"
             f"#   rlcd-data build --config {CONFIG_FILENAME} --output NEW_FOLDER\n"
         )
-        # `overwrite` is an action for one run, not part of what was built.
-        values = {k: v for k, v in self.to_dict().items() if k != "overwrite"}
+        values = {k: v for k, v in self.to_dict().items() if k not in ACTION_FIELDS}
         return header + yaml.safe_dump(values, sort_keys=False, allow_unicode=True)
 
     @classmethod

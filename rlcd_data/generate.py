@@ -100,7 +100,7 @@ class TransformersGenerator:
         with torch.inference_mode():
             while queue or batch is not None:
                 active = batch.active if batch else 0
-                if queue and (active == 0 or active <= refill_below):
+                if queue and active < self.batch_size and (active == 0 or active <= refill_below):
                     new = [queue.popleft() for _ in range(min(self.batch_size - active, len(queue)))]
                     batch = self._admit(batch, new, [encoded[i] for i in new], [seeds[i] for i in new])
                 done = batch.sample(settings, self.tokenizer)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +19,7 @@ from .tasks import ContrastPair, Task, load_task
 
 STAGING = ".rlcd-build"  # completed pairs land here as the build goes
 SIDES = ("chosen", "rejected")  # chosen comes from p+, rejected from p-
+STATE_FILE = "state.json"  # what an interrupted build was building, checked on --resume
 
 
 @dataclass
@@ -45,11 +48,16 @@ class BuildResult:
         return f'datasets.load_dataset("{self.output}")'
 
 
-def check_output(out: Path, overwrite: bool) -> None:
+def check_output(out: Path, overwrite: bool, resume: bool = False) -> None:
     if out.exists() and not out.is_dir():
         raise RlcdError(f"{out}: output exists and is not a folder")
+    if resume:
+        if not (out / STAGING / STATE_FILE).is_file():
+            raise RlcdError(f"{out}: nothing to resume (no interrupted build in this folder)")
+        return
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise RlcdError(f"{out}: output folder exists and is not empty (pass --overwrite to replace it)")
+        hint = " or --resume to continue it" if (out / STAGING / STATE_FILE).is_file() else ""
+        raise RlcdError(f"{out}: output folder exists and is not empty (pass --overwrite to replace it{hint})")
 
 
 def prepare(config: BuildConfig) -> tuple[Task, PromptSet, list[ContrastPair]]:
@@ -87,8 +95,19 @@ def build(config: BuildConfig, generator: Generator | None = None, progress: boo
     from . import output
 
     started = time.monotonic()
-    check_output(Path(config.output), config.overwrite)
+    out = Path(config.output)
+    check_output(out, config.overwrite, config.resume)
     task, prompt_set, pairs = prepare(config)
+    staging = out / STAGING
+    state = _build_state(config, task, pairs)
+    previous_rows: list[dict] = []
+    previous_dropped: list[int] = []
+    next_part = 0
+    if config.resume:
+        _check_state(staging / STATE_FILE, state)
+        previous_rows, previous_dropped, next_part = _read_parts(staging)
+    done = {r["source_index"] for r in previous_rows} | set(previous_dropped)
+    todo = [p for p in pairs if p.source_index not in done]
     if generator is None:
         from .generate import TransformersGenerator
         from .models import load_causal_lm
@@ -101,11 +120,18 @@ def build(config: BuildConfig, generator: Generator | None = None, progress: boo
         prompts_dropped_empty=prompt_set.dropped_empty,
         prompts_dropped_duplicate=prompt_set.dropped_duplicate,
         prompts_used=len(pairs),
+        pairs=len(previous_rows),
+        examples_dropped=len(previous_dropped),
+        dropped_source_indices=list(previous_dropped),
     )
-    out = Path(config.output)
-    staging = out / STAGING
-    staging.mkdir(parents=True, exist_ok=True)
-    rows = _generate_rows(pairs, generator, config, stats, staging, progress)
+    if not config.resume:
+        if staging.exists():
+            shutil.rmtree(staging)  # parts of an earlier, different build
+        staging.mkdir(parents=True)
+        _write_atomic(staging / STATE_FILE, json.dumps(state, indent=2))
+    rows = previous_rows + _generate_rows(todo, generator, config, stats, staging, progress, next_part, len(pairs))
+    rows.sort(key=lambda r: r["source_index"])
+    stats.dropped_source_indices.sort()
     stats.seconds = time.monotonic() - started
     if not rows:
         raise RlcdError(
@@ -123,6 +149,8 @@ def _generate_rows(
     stats: BuildStats,
     staging: Path,
     progress: bool,
+    first_part: int = 0,
+    total: int | None = None,
 ) -> list[dict]:
     """Generate both sides of every pair, writing completed pairs to ``staging`` as they finish.
 
@@ -142,7 +170,8 @@ def _generate_rows(
     next_attempt: dict[tuple[int, str], int] = {}  # outputs still pending -> first attempt not yet tried
     dropped: set[int] = set()
     rows: list[dict] = []
-    bar = tqdm(total=len(pairs), unit="pair", disable=not progress, dynamic_ncols=True, desc=f"rlcd {config.task}")
+    total = len(pairs) if total is None else total
+    bar = tqdm(total=total, initial=total - len(pairs), unit="pair", disable=not progress, dynamic_ncols=True, desc=f"rlcd {config.task}")
     clock = time.monotonic()
     call: dict = {"requests": [], "outcomes": {}}  # the generate() call under way
     counted: set[int] = set()  # pairs already shown as done on the progress bar
@@ -168,7 +197,7 @@ def _generate_rows(
         bar.set_postfix_str(f"{stats.generated_tokens / elapsed:.0f} tok/s, {stats.outputs_retried} retried")
 
     try:
-        start, part_number = 0, 0
+        start, part_number = 0, first_part
         while start < len(pairs) or next_attempt:
             fresh = range(start, min(start + chunk, len(pairs)))
             start = fresh.stop
@@ -202,7 +231,8 @@ def _generate_rows(
                 if i in dropped:
                     stats.examples_dropped += 1
                     stats.dropped_source_indices.append(pairs[i].source_index)
-            _write_part(staging / f"part-{part_number:06d}.jsonl", new_rows)
+            lost = [{"dropped_source_index": pairs[i].source_index} for i in finished if i in dropped]
+            _write_part(staging / f"part-{part_number:06d}.jsonl", new_rows + lost)
             part_number += 1
             rows.extend(new_rows)
             stats.pairs += len(new_rows)
@@ -210,8 +240,6 @@ def _generate_rows(
             counted.update(finished)
     finally:
         bar.close()
-    rows.sort(key=lambda r: r["source_index"])
-    stats.dropped_source_indices.sort()
     return rows
 
 
@@ -245,12 +273,55 @@ def _row(pair: ContrastPair, responses: dict, i: int, generator: Generator) -> d
     }
 
 
-def _write_part(path: Path, rows: list[dict]) -> None:
-    """Write completed rows atomically: a killed process leaves either the whole file or none."""
-    tmp = path.with_suffix(".tmp")
+def _write_part(path: Path, records: list[dict]) -> None:
+    """Write completed records atomically: a killed process leaves either the whole file or none."""
+    _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _read_parts(staging: Path) -> tuple[list[dict], list[int], int]:
+    """Rows and dropped source indices of the completed parts, and the next part number."""
+    rows, dropped, parts = [], [], sorted(staging.glob("part-*.jsonl"))
+    for part in parts:
+        for line in part.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            if "dropped_source_index" in record:
+                dropped.append(record["dropped_source_index"])
+            else:
+                rows.append(record)
+    next_part = int(parts[-1].stem.split("-")[1]) + 1 if parts else 0
+    return rows, dropped, next_part
+
+
+def _build_state(config: BuildConfig, task: Task, pairs: list[ContrastPair]) -> dict:
+    """What a build makes, for checking a resume: output fields, task files, prompts."""
+    task_files = sorted(p for p in task.folder.iterdir() if p.is_file() and p.name != "README.md")
+    task_hash = hashlib.sha256(b"".join(p.name.encode() + p.read_bytes() for p in task_files)).hexdigest()
+    prompts = json.dumps([(p.source_index, p.prompt, p.p_plus, p.p_minus) for p in pairs])
+    return {
+        "config": config.output_fields(),
+        "templates": task_hash,
+        "prompts": hashlib.sha256(prompts.encode()).hexdigest(),
+    }
+
+
+def _check_state(path: Path, state: dict) -> None:
+    saved = json.loads(path.read_text())
+    differ = sorted(
+        k for k in set(saved["config"]) | set(state["config"]) if saved["config"].get(k) != state["config"].get(k)
+    )
+    differ += [k for k in ("templates", "prompts") if saved[k] != state[k]]
+    if differ:
+        details = ", ".join(
+            f"{k}: {saved['config'].get(k)!r} -> {state['config'].get(k)!r}" if k in state["config"] else k
+            for k in differ
+        )
+        raise RlcdError(f"cannot resume: the configuration differs from the interrupted build ({details})")

@@ -31,6 +31,8 @@ def test_output_depends_on_seed_not_on_batch_or_order(tiny):
     seeds = [request_seed("test", i) for i in range(len(PROMPTS))]
     alone = [TransformersGenerator(model, tokenizer, batch_size=1).generate([p], [s], settings)[0]
              for p, s in zip(PROMPTS, seeds)]
+    one_by_one = TransformersGenerator(model, tokenizer, batch_size=1).generate(PROMPTS, seeds, settings)
+    assert one_by_one == alone
     # Batch of 2 with refills: rows join a running batch with other prompts and cache lengths.
     together = TransformersGenerator(model, tokenizer, batch_size=2).generate(PROMPTS, seeds, settings)
     assert alone[0] != alone[1]  # same prompt, own seed

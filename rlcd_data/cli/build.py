@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import sys
+
 from ..config import BuildConfig
 from ._dataclass_args import add_dataclass_arguments, config_from_args
 from .push import add_push_arguments, report
@@ -19,6 +22,10 @@ def add_parser(sub) -> None:
     add_push_arguments(hub, repo_flag="--push-to-hub", required=False)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def run(args) -> int:
     from ..pipeline import build
 
@@ -27,7 +34,18 @@ def run(args) -> int:
         from ..hub import check_can_push
 
         check_can_push(args.token)  # fail before hours of generation, not after
-    result = build(config)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's TERM stops like Ctrl-C
+    try:
+        result = build(config)
+    except KeyboardInterrupt:
+        print(
+            f"rlcd-data: interrupted; completed pairs are kept in {config.output}/.rlcd-build/. "
+            f"Continue with the same command plus --resume (without --overwrite).",
+            file=sys.stderr,
+        )
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     s = result.stats
     print(
         f"wrote {s.pairs} pairs to {result.output} "
