@@ -1,10 +1,11 @@
 """Sampling from a causal LM with a continuously refilled batch.
 
 Requests are sorted by prompt length (longest first, so an out-of-memory
-error shows at once) and decoded in one batch whose finished sequences leave
-at once, each at its own stop: end-of-sequence, the start of the next
-``Human`` turn, or the token limit. Freed slots are refilled from the queue:
-new prompts are prefilled together and their key/value cache is merged into
+error shows at once) and decoded in one batch where each sequence finishes at
+its own stop: end-of-sequence, the start of the next ``Human`` turn, or the
+token limit. Once a quarter of the batch has finished, those rows are removed
+and the freed slots refilled from the queue: new prompts are prefilled
+together (identical prompts once) and their key/value cache is merged into
 the running batch (left-padded to a common length), so the batch stays full
 instead of waiting for its longest sequence. Every request samples with its
 own random generator, so its output depends on its seed, not on which

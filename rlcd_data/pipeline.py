@@ -171,7 +171,10 @@ def _generate_rows(
     dropped: set[int] = set()
     rows: list[dict] = []
     total = len(pairs) if total is None else total
-    bar = tqdm(total=total, initial=total - len(pairs), unit="pair", disable=not progress, dynamic_ncols=True, desc=f"rlcd {config.task}")
+    bar = tqdm(
+        total=total, initial=total - len(pairs), unit="pair", disable=not progress, dynamic_ncols=True,
+        desc=f"rlcd {config.task}",
+    )
     clock = time.monotonic()
     call: dict = {"requests": [], "outcomes": {}}  # the generate() call under way
     counted: set[int] = set()  # pairs already shown as done on the progress bar
@@ -227,11 +230,10 @@ def _generate_rows(
             waiting = {i for i, _ in next_attempt}
             finished = sorted({i for i, _ in outcomes} - waiting)
             new_rows = [_row(pairs[i], responses, i, generator) for i in finished if i not in dropped]
-            for i in finished:
-                if i in dropped:
-                    stats.examples_dropped += 1
-                    stats.dropped_source_indices.append(pairs[i].source_index)
-            lost = [{"dropped_source_index": pairs[i].source_index} for i in finished if i in dropped]
+            lost = [pairs[i].source_index for i in finished if i in dropped]
+            stats.examples_dropped += len(lost)
+            stats.dropped_source_indices += lost
+            lost = [{"dropped_source_index": k} for k in lost]  # recorded so a resume skips them too
             _write_part(staging / f"part-{part_number:06d}.jsonl", new_rows + lost)
             part_number += 1
             rows.extend(new_rows)
