@@ -81,3 +81,17 @@ def test_stop_string_ends_a_sequence(tiny):
         with torch.no_grad():
             model.lm_head.weight.copy_(original)
     assert completion.text.endswith("\nHuman") and not completion.ended and completion.num_tokens < 50
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_other_dtypes_generate(tiny_model_dir, dtype):
+    import torch
+
+    from rlcd_data.models import load_causal_lm
+
+    model, tokenizer, _ = load_causal_lm(str(tiny_model_dir), quantization="none", dtype=dtype)
+    assert model.dtype == getattr(torch, dtype)
+    completions = TransformersGenerator(model, tokenizer, batch_size=2).generate(
+        PROMPTS[:3], [1, 2, 3], SamplingSettings(max_new_tokens=10)
+    )
+    assert len(completions) == 3 and all(1 <= c.num_tokens <= 10 for c in completions)
