@@ -50,9 +50,9 @@ def push(
 
     ``endpoint`` defaults to ``HF_ENDPOINT`` (the public Hub).
     """
-    check_can_push(token)
     folder = Path(folder)
     files = _build_files(folder)
+    check_can_push(token)
     token = _resolve_token(token)
     try:
         return _push(folder, files, repo_id, private, revision, commit_message, token, endpoint)
