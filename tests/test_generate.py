@@ -95,3 +95,15 @@ def test_other_dtypes_generate(tiny_model_dir, dtype):
         PROMPTS[:3], [1, 2, 3], SamplingSettings(max_new_tokens=10)
     )
     assert len(completions) == 3 and all(1 <= c.num_tokens <= 10 for c in completions)
+
+
+@pytest.mark.parametrize("quantization, layer", [("8bit", "Linear8bitLt"), ("4bit", "Linear4bit")])
+def test_bitsandbytes_quantization_generates_on_cpu(tiny_model_dir, quantization, layer):
+    from rlcd_data.models import load_causal_lm
+
+    model, tokenizer, _ = load_causal_lm(str(tiny_model_dir), quantization=quantization)
+    assert type(model.model.layers[0].mlp.up_proj).__name__ == layer
+    completions = TransformersGenerator(model, tokenizer, batch_size=2).generate(
+        PROMPTS[:3], [1, 2, 3], SamplingSettings(max_new_tokens=8)
+    )
+    assert len(completions) == 3 and all(1 <= c.num_tokens <= 8 for c in completions)
