@@ -3,7 +3,7 @@
 Requests are sorted by prompt length (longest first, so an out-of-memory
 error shows at once) and decoded in one batch where each sequence finishes at
 its own stop: end-of-sequence, the start of the next ``Human`` turn, or the
-token limit. Once a quarter of the batch has finished, those rows are removed
+token limit. Once ``refill_at`` of the batch (a quarter) has finished, those rows are removed
 and the freed slots refilled from the queue: new prompts are prefilled
 together (identical prompts once) and their key/value cache is merged into
 the running batch (left-padded to a common length), so the batch stays full
@@ -109,7 +109,7 @@ class TransformersGenerator:
                     results[i] = completion
                 if on_progress:
                     on_progress(done, batch.active)  # one new token per live row
-                batch.finish({i for i, _ in done})
+                batch.finish({i for i, _ in done}, self.refill_at)
                 if batch.active:
                     batch.forward(self.model)
                 else:
@@ -166,8 +166,8 @@ class _Batch:
     cache: object  # DynamicCache, [rows, heads, length, dim] per layer
     mask: object  # [rows, length] attention mask, left-padded
     logits: object  # [rows, vocab] next-token logits
-    # Finished rows stay in the tensors (decoded, ignored) until a quarter of the batch has
-    # finished: removing them copies the whole cache, too costly to do for every row.
+    # Finished rows stay in the tensors (decoded, ignored) until a refill's worth of the batch
+    # has finished: removing them copies the whole cache, too costly to do for every row.
     dead: set = field(default_factory=set)
 
     @property
@@ -199,10 +199,10 @@ class _Batch:
                 done.append((self.rows[r], Completion(tokenizer.decode(ids, skip_special_tokens=True), len(ids), False)))
         return done
 
-    def finish(self, finished: set[int]) -> None:
-        """Mark rows (by request index) finished; compact once a quarter of the batch is."""
+    def finish(self, finished: set[int], fraction: float) -> None:
+        """Mark rows (by request index) finished; compact once ``fraction`` of the batch is."""
         self.dead.update(r for r, i in enumerate(self.rows) if i in finished)
-        if self.dead and (len(self.dead) >= max(1, len(self.rows) // 4) or not self.active):
+        if self.dead and (len(self.dead) >= max(1, int(len(self.rows) * fraction)) or not self.active):
             self.compact()
 
     def compact(self) -> None:

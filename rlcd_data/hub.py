@@ -52,8 +52,7 @@ def push(
     """
     folder = Path(folder)
     files = _build_files(folder)
-    check_can_push(token)
-    token = _resolve_token(token)
+    token = check_can_push(token)
     try:
         return _push(folder, files, repo_id, private, revision, commit_message, token, endpoint)
     except RlcdError:
@@ -62,13 +61,13 @@ def push(
         raise RlcdError(_describe(e, token)) from None
 
 
-def check_can_push(token: str | None = None) -> None:
-    """Raise RlcdError now if a later push could not even start (offline, no token)."""
+def check_can_push(token: str | None = None) -> str:
+    """The token a push would use; RlcdError now if a push could not even start (offline, no token)."""
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
         raise RlcdError("cannot push: HF_HUB_OFFLINE is set (unset it to publish)")
-    _resolve_token(token)
+    return _resolve_token(token)
 
 
 def _build_files(folder: Path) -> list[Path]:

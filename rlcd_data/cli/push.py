@@ -25,8 +25,8 @@ def run(args) -> int:
         args.folder,
         args.repo_id,
         private=args.private,
-        revision=getattr(args, "revision", None),
-        commit_message=getattr(args, "commit_message", None),
+        revision=args.revision,
+        commit_message=args.commit_message,
         token=args.token,
     )
     report(result)
