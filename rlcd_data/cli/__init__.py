@@ -6,9 +6,10 @@ import argparse
 import sys
 
 from ..errors import RlcdError
-from . import build, ls, preview, push
+from . import build, ls, preview, push, train
+from . import eval as eval_
 
-COMMANDS = {"build": build, "push": push, "preview": preview, "ls": ls}
+COMMANDS = {"build": build, "push": push, "preview": preview, "ls": ls, "train": train, "eval": eval_}
 
 
 def make_parser() -> argparse.ArgumentParser:

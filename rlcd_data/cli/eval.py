@@ -1,0 +1,70 @@
+"""`rlcd-data eval reward-model|policy`: agreement with labelled pairs; a policy against its base."""
+
+from __future__ import annotations
+
+import json
+
+
+def add_parser(sub) -> None:
+    parser = sub.add_parser("eval", help="Evaluate a reward model (agreement with labels) or a policy (reward vs its base).")
+    kinds = parser.add_subparsers(dest="kind", required=True, metavar="KIND")
+
+    rm = kinds.add_parser("reward-model", help="Agreement with the labels of a pair dataset (e.g. HH-RLHF).")
+    rm.add_argument("--reward-model", required=True, metavar="DIR", help="Reward model folder.")
+    rm.add_argument("--pairs", required=True, metavar="SOURCE",
+                    help="Pair dataset: HH-RLHF .jsonl, a folder `build` wrote, any chosen/rejected dataset.")
+    rm.add_argument("--split", default="train", help="Split of a dataset folder or Hub dataset.")
+    rm.add_argument("--limit", type=int, help="First N pairs only.")
+    rm.add_argument("--batch-size", type=int, default=16)
+    rm.add_argument("--max-length", type=int, default=512, help="Longer texts keep their last N tokens.")
+    rm.add_argument("--json", action="store_true", help="Print one JSON object instead of a summary.")
+
+    po = kinds.add_parser("policy", help="Rewards of a policy's responses against its base model's.")
+    po.add_argument("--policy", required=True, metavar="DIR", help="Policy folder (`rlcd-data train ppo`).")
+    po.add_argument("--reward-model", required=True, metavar="DIR", help="Reward model folder.")
+    po.add_argument("--prompts", required=True, metavar="SOURCE", help="Held-out prompts (any `build` source).")
+    po.add_argument("--base", help="Base model (default: the one recorded with the policy).")
+    po.add_argument("--prompt-column", help="Column with the prompts.")
+    po.add_argument("--split", default="train")
+    po.add_argument("--limit", type=int, default=64, help="Prompts to sample (default 64).")
+    po.add_argument("--max-new-tokens", type=int, default=128)
+    po.add_argument("--temperature", type=float, default=1.0)
+    po.add_argument("--batch-size", type=int, default=16)
+    po.add_argument("--seed", type=int, default=0)
+    po.add_argument("--samples", default="eval-samples.jsonl", help="Where to write the samples (JSONL).")
+    po.add_argument("--json", action="store_true", help="Print one JSON object instead of a summary.")
+
+
+def run(args) -> int:
+    if args.kind == "reward-model":
+        from ..evaluate import evaluate_reward_model
+        from ..reward_model import RewardScorer
+
+        scorer = RewardScorer.load(args.reward_model, max_length=args.max_length, batch_size=args.batch_size)
+        report = evaluate_reward_model(scorer, args.pairs, args.split, args.limit)
+        if args.json:
+            print(json.dumps(report))
+        else:
+            print(
+                f"{args.reward_model} on {report['pairs']} pairs of {args.pairs}: "
+                f"agreement {report['accuracy']:.1%} (chosen scored above rejected), "
+                f"mean chosen probability {report['mean_chosen_probability']:.3f}"
+            )
+        return 0
+
+    from ..evaluate import evaluate_policy
+
+    report = evaluate_policy(
+        args.policy, args.reward_model, args.prompts, base=args.base, prompt_column=args.prompt_column,
+        split=args.split, limit=args.limit, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        batch_size=args.batch_size, seed=args.seed, samples_path=args.samples,
+    )
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(
+            f"{report['prompts']} prompts: mean reward policy {report['policy_mean_reward']:.3f} vs base "
+            f"{report['base_mean_reward']:.3f}; policy wins {report['policy_win_rate']:.1%}; mean length "
+            f"{report['policy_mean_tokens']:.0f} vs {report['base_mean_tokens']:.0f} tokens; samples in {args.samples}"
+        )
+    return 0

@@ -1,0 +1,140 @@
+"""Evaluation: a reward model's agreement with labelled pairs, and a policy against its base.
+
+The preference-model metric of the paper is agreement with human labels: the
+fraction of pairs where the reward model scores ``chosen`` above
+``rejected`` (ties count as disagreement), reported with the mean probability
+the model gives the chosen response, ``sigmoid(r_chosen - r_rejected)``
+(the Bradley-Terry probability the reward model was trained to produce).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+
+def agreement(chosen: list[float], rejected: list[float]) -> dict:
+    """Accuracy and mean chosen probability from paired scores."""
+    if len(chosen) != len(rejected) or not chosen:
+        raise ValueError("need the same, non-zero number of chosen and rejected scores")
+    wins = sum(c > r for c, r in zip(chosen, rejected))
+    probabilities = [1 / (1 + math.exp(-(c - r))) for c, r in zip(chosen, rejected)]
+    return {
+        "pairs": len(chosen),
+        "accuracy": wins / len(chosen),
+        "mean_chosen_probability": sum(probabilities) / len(probabilities),
+        "mean_margin": sum(c - r for c, r in zip(chosen, rejected)) / len(chosen),
+    }
+
+
+def evaluate_reward_model(scorer, pairs: str, split: str = "train", limit: int | None = None) -> dict:
+    """Score every pair of ``pairs`` (see `rlcd_data.pairs.load_pairs`) with ``scorer`` (a `RewardScorer`)."""
+    from .pairs import load_pairs, pair_texts
+
+    table = load_pairs(pairs, split, limit)
+    texts = [pair_texts(row, scorer.tokenizer) for row in table]
+    chosen = scorer.score([c for c, _ in texts])
+    rejected = scorer.score([r for _, r in texts])
+    return agreement(chosen, rejected)
+
+
+def policy_comparison(policy_rewards: list[float], base_rewards: list[float]) -> dict:
+    """Mean reward of each side and the policy's win rate by reward (a tie counts one half)."""
+    if len(policy_rewards) != len(base_rewards) or not policy_rewards:
+        raise ValueError("need the same, non-zero number of policy and base rewards")
+    wins = sum(1.0 if p > b else 0.5 if p == b else 0.0 for p, b in zip(policy_rewards, base_rewards))
+    return {
+        "prompts": len(policy_rewards),
+        "policy_mean_reward": statistics.fmean(policy_rewards),
+        "base_mean_reward": statistics.fmean(base_rewards),
+        "policy_win_rate": wins / len(policy_rewards),
+    }
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def evaluate_policy(
+    policy: str,
+    reward_model: str,
+    prompts: str,
+    *,
+    base: str | None = None,
+    prompt_column: str | None = None,
+    split: str = "train",
+    limit: int | None = 64,
+    max_new_tokens: int = 128,
+    temperature: float = 1.0,
+    batch_size: int = 16,
+    seed: int = 0,
+    samples_path: str | Path | None = None,
+    penalty_reward: float | None = None,
+) -> dict:
+    """Sample one response per prompt from ``policy`` and from its base, and compare their rewards.
+
+    Responses are cut at the next Human turn as in the build. A response that
+    does not end within ``max_new_tokens`` (or is empty) is scored as it is,
+    unless ``penalty_reward`` is given, which it then gets instead (as in PPO).
+
+    Args:
+        base: the model the policy started from; default: the ``base_model``
+            recorded by `rlcd-data train ppo` next to the policy.
+
+    Returns:
+        prompts, mean reward of each side, the policy's win rate by reward,
+        mean response length in tokens of each side, and how many responses
+        did not end.
+
+    Raises:
+        RlcdError: unknown base, missing models or prompts.
+    """
+    from .conversation import as_completion, extract_response
+    from .errors import RlcdError
+    from .generate import SamplingSettings, TransformersGenerator, request_seed
+    from .models import load_causal_lm
+    from .prompts import load_prompts
+    from .reward_model import RewardScorer
+
+    if base is None:
+        recorded = Path(policy) / "rlcd_recipe.json"
+        if not recorded.is_file():
+            raise RlcdError(f"{policy}: no rlcd_recipe.json naming its base model; pass --base")
+        base = json.loads(recorded.read_text())["base_model"]
+    prompt_set = load_prompts(prompts, task_input="conversation", column=prompt_column, split=split, limit=limit)
+    texts = [p.text for p in prompt_set.prompts]
+    seeds = [request_seed(seed, "eval-policy", p.source_index) for p in prompt_set.prompts]
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature)
+    scorer = RewardScorer.load(reward_model)
+    sides = {}
+    for side, name in (("policy", policy), ("base", base)):
+        model, tokenizer, _ = load_causal_lm(name, quantization="none")
+        completions = TransformersGenerator(model, tokenizer, batch_size=batch_size).generate(texts, seeds, settings)
+        del model
+        responses = [extract_response(c.text, c.ended) for c in completions]
+        rewards = scorer.score([t + as_completion(t, r or c.text.strip()) for t, r, c in zip(texts, responses, completions)])
+        if penalty_reward is not None:
+            rewards = [penalty_reward if r is None else x for r, x in zip(responses, rewards)]
+        sides[side] = (completions, responses, rewards)
+    report = policy_comparison(sides["policy"][2], sides["base"][2])
+    for side, (completions, responses, _) in sides.items():
+        report[f"{side}_mean_tokens"] = statistics.fmean(c.num_tokens for c in completions)
+        report[f"{side}_not_ended"] = sum(r is None for r in responses)
+    if samples_path:
+        rows = []
+        for i, p in enumerate(prompt_set.prompts):
+            row = {"source_index": p.source_index, "prompt": p.text}
+            for side, (completions, responses, rewards) in sides.items():
+                row[side] = responses[i] if responses[i] is not None else completions[i].text
+                row[f"{side}_ended"] = responses[i] is not None
+                row[f"{side}_reward"] = rewards[i]
+            rows.append(row)
+        write_jsonl(samples_path, rows)
+    report["base"] = base
+    return report

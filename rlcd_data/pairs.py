@@ -1,0 +1,110 @@
+"""Preference-pair datasets from any source, for training and evaluating reward models.
+
+A pair dataset has ``chosen`` and ``rejected`` columns, with an optional
+``prompt`` (explicit prompt) or the prompt inside both texts (implicit prompt,
+as in Anthropic's HH-RLHF files), as plain text or as chat messages. RLAIF-style
+datasets also carry ``chosen_probability``, the labeller's probability that
+``chosen`` is the better response (a soft label).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .conversation import ASSISTANT_TAG
+from .errors import RlcdError
+
+SOFT_LABEL_COLUMN = "chosen_probability"
+_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".gz": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_table(source: str | Path, split: str = "train"):
+    """Load one split of a dataset as a `datasets.Dataset`.
+
+    Args:
+        source: a dataset folder (e.g. one `rlcd-data build` wrote), a
+            .jsonl/.jsonl.gz/.json/.parquet/.csv file, or a Hub dataset id.
+        split: the split to read (files have a single ``train`` split).
+
+    Raises:
+        RlcdError: missing source, unknown split, or a Hub dataset that cannot
+            be reached.
+    """
+    import datasets
+
+    path = Path(source).expanduser()
+    try:
+        if path.is_dir():
+            if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+                loaded = datasets.load_from_disk(str(path))
+                return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+            return datasets.load_dataset(str(path), split=split)
+        if path.is_file():
+            builder = _FILE_BUILDERS.get(path.suffix)
+            if builder is None:
+                raise RlcdError(f"{path}: unsupported file type (use {', '.join(sorted(_FILE_BUILDERS))})")
+            return datasets.load_dataset(builder, data_files=str(path), split="train")
+        if str(source).startswith(("/", ".", "~")) or str(source).count("/") > 1 or path.suffix in _FILE_BUILDERS:
+            raise RlcdError(f"{path}: no such file or folder")
+        return datasets.load_dataset(str(source), split=split)
+    except RlcdError:
+        raise
+    except KeyError:
+        raise RlcdError(f"{source}: no split {split!r}") from None
+    except ValueError as e:
+        if "split" in str(e).lower():
+            raise RlcdError(f"{source}: no split {split!r} ({str(e).splitlines()[0]})") from None
+        raise RlcdError(f"{source}: {str(e).splitlines()[0]}") from None
+    except (FileNotFoundError, ConnectionError, OSError) as e:
+        raise RlcdError(f"cannot load {source!r}: {str(e).splitlines()[0]}") from None
+
+
+def load_pairs(source: str | Path, split: str = "train", limit: int | None = None):
+    """Load a pair dataset and check it has ``chosen`` and ``rejected``.
+
+    Raises:
+        RlcdError: as `load_table`, or when a pair column is missing.
+    """
+    table = load_table(source, split)
+    missing = [c for c in ("chosen", "rejected") if c not in table.column_names]
+    if missing:
+        raise RlcdError(
+            f"{source}: not a pair dataset: no {' or '.join(repr(c) for c in missing)} column "
+            f"(columns: {', '.join(table.column_names)})"
+        )
+    if limit is not None:
+        table = table.select(range(min(limit, len(table))))
+    return table
+
+
+def messages_to_text(messages: list[dict]) -> str:
+    """Render chat messages as a Human/Assistant conversation (for tokenizers without a chat template)."""
+    names = {"user": "Human", "assistant": "Assistant", "system": "System"}
+    return "".join(f"\n\n{names.get(m['role'], m['role'].title())}: {m['content']}" for m in messages)
+
+
+def pair_texts(row: dict, tokenizer=None) -> tuple[str, str]:
+    """The full texts a reward model scores for one pair: (prompt +) chosen, (prompt +) rejected.
+
+    Chat messages go through the tokenizer's chat template when it has one,
+    else they are written as a Human/Assistant conversation.
+    """
+
+    def render(completion):
+        prompt = row.get("prompt")
+        if isinstance(completion, list):
+            messages = (prompt or []) + completion
+            if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+                return tokenizer.apply_chat_template(messages, tokenize=False)
+            return messages_to_text(messages)
+        return (prompt or "") + completion
+
+    return render(row["chosen"]), render(row["rejected"])
+
+
+def split_prompt(text: str) -> tuple[str, str]:
+    """Split an implicit-prompt conversation into (prompt, final response) at its last Assistant tag."""
+    cut = text.rfind(ASSISTANT_TAG)
+    if cut < 0:
+        return "", text
+    return text[: cut + len(ASSISTANT_TAG)], text[cut + len(ASSISTANT_TAG) :]

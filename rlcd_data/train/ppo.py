@@ -1,0 +1,266 @@
+"""PPO recipe: improve a policy against a trained reward model with TRL's PPO (`trl.experimental.ppo`).
+
+The paper's choices are the defaults: the policy's response ends where it
+starts the next ``Human`` turn (or at its end-of-sequence token), and a
+response that does not end there within the length limit, or is empty, gets
+the penalty reward instead of the reward model's score. The reward model may
+use a different tokenizer from the policy (e.g. a MiniLM encoder reward model
+for a SmolLM2 policy): responses are decoded to text and scored as text.
+
+    rlcd-data train ppo --reward_model out/rm --policy smollm2-135m-instruct \\
+        --prompts ../hh/harmless-base-prompts.jsonl --output_dir out/ppo
+
+``--grid`` runs the paper's KL grid (0.001 ... 0.032), one run per KL
+coefficient, each saving a checkpoint every ``--save_steps`` PPO updates, so
+the step grid (20 ... 80) comes from the checkpoints of the same runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import RlcdError
+from . import common
+
+KL_GRID = (0.001, 0.002, 0.004, 0.008, 0.016, 0.032)
+
+
+@dataclass
+class PPOScriptArguments:
+    reward_model: str = field(default=None, metadata={"help": "Reward model folder (`rlcd-data train reward`)."})
+    policy: str = field(
+        default=None,
+        metadata={"help": "Policy to improve: a folder, a Hub id, or `smollm2-135m-instruct` (the embedded model)."},
+    )
+    prompts: str = field(
+        default=None, metadata={"help": "Prompts: any source `rlcd-data build --prompts` accepts."}
+    )
+    prompt_column: str | None = field(default=None, metadata={"help": "Column with the prompts."})
+    prompt_split: str = field(default="train", metadata={"help": "Split of a dataset folder or Hub dataset."})
+    limit: int | None = field(default=None, metadata={"help": "Use the first N prompts."})
+    steps: int | None = field(
+        default=None, metadata={"help": "PPO updates (sets total_episodes = steps x rollout batch size)."}
+    )
+    penalty_reward: float = field(
+        default=-1.0,
+        metadata={"help": "Reward for a response that does not end (next Human turn or EOS) or is empty."},
+    )
+    reward_max_length: int = field(default=512, metadata={"help": "Tokens of prompt + response the reward model sees."})
+    grid: bool = field(
+        default=False,
+        metadata={"help": f"Run once per KL coefficient of the paper's grid {KL_GRID} into OUTPUT_DIR/kl-<coef>."},
+    )
+
+
+def make_parser():
+    from trl import ModelConfig, TrlParser
+    from trl.experimental.ppo import PPOConfig
+
+    parser = TrlParser((PPOScriptArguments, PPOConfig, ModelConfig), prog="rlcd-data train ppo")
+    parser.set_defaults_with_config(output_dir="ppo-policy", report_to="none", stop_token="eos")
+    common.cpu_defaults(parser)
+    return parser
+
+
+def default_preset() -> str:
+    import torch
+
+    return "ppo-paper" if torch.cuda.is_available() else "ppo-cpu"
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Parse options (see `make_parser`) and train; returns the metrics of each run."""
+    parser = make_parser()
+    (script, config, model_args), preset = common.parse(parser, argv, default_preset=default_preset())
+    if not script.grid:
+        return [train(script, config, model_args, argv=argv, preset=preset)]
+    results = []
+    root = Path(config.output_dir)
+    for kl in KL_GRID:
+        run = dataclasses_replace(config, kl_coef=kl, output_dir=str(root / f"kl-{kl:g}"))
+        results.append(train(script, run, model_args, argv=argv, preset=preset))
+    return results
+
+
+def dataclasses_replace(config, **changes):
+    import copy
+
+    config = copy.deepcopy(config)
+    for key, value in changes.items():
+        setattr(config, key, value)
+    return config
+
+
+@functools.cache
+def _reward_adapter_class():
+    import torch
+    from torch import nn
+
+    from ..conversation import as_completion, extract_response
+
+    class TextReward(nn.Module):
+        """A reward model behind the interface TRL's PPO calls (`get_reward`), scoring decoded text.
+
+        TRL calls ``getattr(model, model.base_model_prefix)(input_ids=..., attention_mask=...)``
+        on prompt + response token ids of the *policy's* tokenizer, then
+        ``model.score(hidden_states[-1])`` and reads the value at the last
+        response token. This module decodes each row, cuts the response at
+        the next Human turn (the paper's post-processing), scores prompt +
+        response with the reward model (its own tokenizer), and returns that
+        score at every position; a response that did not end, or is empty,
+        gets ``penalty``.
+        """
+
+        base_model_prefix = "backbone"
+
+        def __init__(self, scorer, policy_tokenizer, prompt_ids: dict[tuple[int, ...], str], penalty: float):
+            super().__init__()
+            self.scorer = scorer
+            self.reward = scorer.model  # registered, so .to(device) moves it
+            self.policy_tokenizer = policy_tokenizer
+            self.prompts = prompt_ids
+            self.lengths = sorted({len(k) for k in prompt_ids}, reverse=True)
+            self.penalty = penalty
+            self.config = scorer.model.config
+
+        def split(self, ids: list[int]) -> tuple[str, list[int]]:
+            for n in self.lengths:
+                prompt = self.prompts.get(tuple(ids[:n]))
+                if prompt is not None:
+                    return prompt, ids[n:]
+            raise RuntimeError("a rollout does not start with any training prompt")
+
+        def backbone(self, input_ids, attention_mask, **_):
+            eos = self.policy_tokenizer.eos_token_id
+            texts, rows = [], []
+            rewards = torch.full(input_ids.shape, float(self.penalty), device=input_ids.device)
+            for row, (ids, mask) in enumerate(zip(input_ids.tolist(), attention_mask.tolist())):
+                kept = [t for t, m in zip(ids, mask) if m]
+                prompt, response_ids = self.split(kept)
+                ended = not mask[-1] or (bool(kept) and kept[-1] == eos)
+                text = self.policy_tokenizer.decode(response_ids, skip_special_tokens=True)
+                response = extract_response(text, ended)
+                if response is not None:
+                    texts.append(prompt + as_completion(prompt, response))
+                    rows.append(row)
+            if texts:
+                scores = torch.tensor(self.scorer.score(texts), device=input_ids.device)
+                rewards[rows] = scores.unsqueeze(1).expand(-1, input_ids.shape[1])
+            return _Hidden((rewards.unsqueeze(-1),))
+
+        def score(self, hidden):
+            return hidden
+
+    class _Hidden:
+        def __init__(self, hidden_states):
+            self.hidden_states = hidden_states
+
+    return TextReward
+
+
+def train(script: PPOScriptArguments, config, model_args, argv=None, preset=None) -> dict:
+    """Run PPO and save the policy, its tokenizer and a model card to ``config.output_dir``.
+
+    Returns:
+        metrics: PPO updates, seconds per update, and the last logged
+        score/KL values.
+
+    Raises:
+        RlcdError: missing reward model, policy or prompts.
+    """
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from trl.experimental.ppo import PPOTrainer
+
+    from ..conversation import STOP_STRINGS
+    from ..prompts import load_prompts
+    from ..reward_model import RewardScorer
+
+    for name in ("reward_model", "policy", "prompts"):
+        if not getattr(script, name):
+            raise RlcdError(f"train ppo: --{name} is required")
+    policy_path = common.resolve_base(script.policy)
+    scorer = RewardScorer.load(script.reward_model, max_length=script.reward_max_length)
+    prompt_set = load_prompts(
+        script.prompts, task_input="conversation", column=script.prompt_column, split=script.prompt_split,
+        limit=script.limit,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(policy_path, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    encoded = [tokenizer(p.text, add_special_tokens=False)["input_ids"] for p in prompt_set.prompts]
+    dataset = Dataset.from_dict({"input_ids": encoded})
+    batch = config.per_device_train_batch_size * config.gradient_accumulation_steps
+    if len(dataset) < batch:
+        raise RlcdError(f"train ppo: {len(dataset)} prompts, fewer than one rollout batch of {batch}")
+    if script.steps is not None:
+        config.total_episodes = script.steps * batch
+    config.num_sample_generations = 0
+
+    dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else torch.float32
+    policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype)
+    # The response ends at the next Human turn as well as at EOS (the paper's rule).
+    policy.generate = functools.partial(policy.generate, stop_strings=list(STOP_STRINGS), tokenizer=tokenizer)
+    policy.generation_config.pad_token_id = tokenizer.pad_token_id
+    value_path = _value_init(script.reward_model, scorer, policy_path, policy)
+    value = AutoModelForSequenceClassification.from_pretrained(value_path, num_labels=1, dtype=dtype)
+    value.config.pad_token_id = tokenizer.pad_token_id
+    prompt_ids = {tuple(ids): p.text for ids, p in zip(encoded, prompt_set.prompts)}
+    reward = _reward_adapter_class()(scorer, tokenizer, prompt_ids, script.penalty_reward)
+
+    trainer = PPOTrainer(
+        args=config,
+        processing_class=tokenizer,
+        model=policy,
+        ref_model=None,
+        reward_model=reward,
+        train_dataset=dataset,
+        value_model=value,
+        eval_dataset=dataset.select(range(min(len(dataset), config.per_device_eval_batch_size))),
+    )
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    trainer.save_model(config.output_dir)
+    tokenizer.save_pretrained(config.output_dir)
+    logs = [h for h in trainer.state.log_history if "objective/scores" in h]
+    updates = config.num_total_batches
+    metrics = {
+        "prompts": len(dataset),
+        "ppo_updates": updates,
+        "rollout_batch": batch,
+        "kl_coef": config.kl_coef,
+        "seconds_per_update": round(seconds / max(updates, 1), 2),
+        "value_initialised_from": "reward model" if value_path != policy_path else "policy",
+    }
+    if logs:
+        last = logs[-1]
+        metrics.update(
+            {k.replace("objective/", ""): round(last[k], 4) for k in ("objective/scores", "objective/kl") if k in last}
+        )
+    settings = {"preset": preset, **common.changed_settings(script, config, model_args)}
+    common.write_model_card(
+        config.output_dir,
+        recipe="ppo",
+        base_model=script.policy,
+        dataset=script.prompts,
+        settings=settings,
+        metrics=metrics,
+        pipeline_tag="text-generation",
+        argv=argv,
+    )
+    return metrics
+
+
+def _value_init(reward_path: str, scorer, policy_path: str, policy) -> str:
+    """The paper initialises the value model from the reward model; that needs the policy's architecture and vocabulary."""
+    same = (
+        scorer.model.config.model_type == policy.config.model_type
+        and scorer.model.config.vocab_size == policy.config.vocab_size
+        and scorer.model.config.hidden_size == policy.config.hidden_size
+    )
+    return str(Path(reward_path)) if same else policy_path

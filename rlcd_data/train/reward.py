@@ -1,0 +1,219 @@
+"""Reward-model recipe: TRL's RewardTrainer on any pair dataset, with soft labels when present.
+
+Hard labels (RLCD: chosen/rejected by construction, or human labels) train
+with the usual pairwise loss ``-log sigmoid(r_chosen - r_rejected)``. A dataset
+with a ``chosen_probability`` column (RLAIF's labeller probability) trains with
+binary cross-entropy against that probability, as the paper does for RLAIF:
+``-(p log sigmoid(d) + (1 - p) log sigmoid(-d))`` with ``d = r_chosen - r_rejected``.
+The base may be a decoder (score read at the last token) or an encoder such as
+BERT/MiniLM (score read from the pooled first token); encoders without an EOS
+token end each text with ``[SEP]``.
+
+    rlcd-data train reward --dataset out/harmless --model minilm-l6 --output_dir out/rm
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass, field
+
+from ..errors import RlcdError
+from ..pairs import SOFT_LABEL_COLUMN
+from . import common
+
+
+@dataclass
+class RewardScriptArguments:
+    dataset: str = field(
+        default=None,
+        metadata={"help": "Pair dataset: a folder `rlcd-data build` wrote, a .jsonl/.parquet/.csv file, or a Hub id."},
+    )
+    split: str = field(default="train", metadata={"help": "Split of the dataset to train on."})
+    model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Base model (same as --model_name_or_path): a folder, a Hub id, `smollm2-135m-instruct` "
+            "or `minilm-l6` (the embedded encoders and decoders)."
+        },
+    )
+    limit: int | None = field(default=None, metadata={"help": "Train on the first N pairs only."})
+    soft_label_column: str = field(
+        default=SOFT_LABEL_COLUMN,
+        metadata={"help": "Column with the probability that `chosen` is better; if present, train with BCE on it."},
+    )
+    hard_labels: bool = field(
+        default=False, metadata={"help": "Ignore the soft-label column and use the pairwise loss."}
+    )
+    eval_pairs: str | None = field(
+        default=None,
+        metadata={"help": "Pairs to measure agreement on after training (e.g. HH-RLHF validation); goes in the card."},
+    )
+    eval_split: str = field(default="train", metadata={"help": "Split of --eval_pairs."})
+    eval_limit: int | None = field(default=None, metadata={"help": "Evaluate on the first N pairs of --eval_pairs."})
+
+
+@functools.cache
+def soft_label_classes():
+    """(SoftLabelRewardTrainer, SoftLabelCollator), defined on first use so importing this module stays light."""
+    import torch
+    from trl import RewardTrainer
+    from trl.trainer.reward_trainer import DataCollatorForPreference
+
+    @dataclass
+    class SoftLabelCollator(DataCollatorForPreference):
+        """TRL's preference collator, also passing the soft-label column as a float tensor."""
+
+        soft_label_column: str = SOFT_LABEL_COLUMN
+
+        def torch_call(self, examples):
+            probabilities = [e.pop(self.soft_label_column) for e in examples if self.soft_label_column in e]
+            batch = super().torch_call(examples)
+            if probabilities:
+                batch[self.soft_label_column] = torch.tensor(probabilities, dtype=torch.float)
+            return batch
+
+    class SoftLabelRewardTrainer(RewardTrainer):
+        """RewardTrainer with binary cross-entropy on soft labels when the batch carries them.
+
+        TRL's logging (accuracy, margin, rewards) is kept: the parent computes
+        it on the same forward pass; only the loss is replaced.
+        """
+
+        def __init__(self, *args, soft_label_column: str = SOFT_LABEL_COLUMN, **kwargs):
+            self.soft_label_column = soft_label_column
+            super().__init__(*args, **kwargs)
+
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            if self.soft_label_column not in self._signature_columns:
+                self._signature_columns = [*self._signature_columns, self.soft_label_column]
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            probability = inputs.pop(self.soft_label_column, None)
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True)
+            if probability is not None:
+                chosen, rejected = torch.chunk(outputs.logits.squeeze(-1), chunks=2)
+                loss = soft_label_loss(chosen, rejected, probability.to(chosen.dtype))
+                if self.args.center_rewards_coefficient is not None:
+                    loss = loss + self.args.center_rewards_coefficient * torch.mean((chosen + rejected) ** 2)
+            return (loss, outputs) if return_outputs else loss
+
+    return SoftLabelRewardTrainer, SoftLabelCollator
+
+
+def soft_label_loss(chosen, rejected, probability):
+    """Mean binary cross-entropy of ``sigmoid(chosen - rejected)`` against ``probability``."""
+    from torch.nn import functional as F
+
+    return F.binary_cross_entropy_with_logits(chosen - rejected, probability)
+
+
+def make_parser():
+    from trl import ModelConfig, RewardConfig, TrlParser
+
+    parser = TrlParser((RewardScriptArguments, RewardConfig, ModelConfig), prog="rlcd-data train reward")
+    parser.set_defaults_with_config(lora_task_type="SEQ_CLS", output_dir="reward-model", report_to="none")
+    common.cpu_defaults(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parse options (see `make_parser`) and train; returns the metrics written to the card."""
+    parser = make_parser()
+    (script, training, model_args), preset = common.parse(parser, argv, default_preset="reward-paper")
+    return train(script, training, model_args, argv=argv, preset=preset)
+
+
+def train(script: RewardScriptArguments, training, model_args, argv=None, preset=None) -> dict:
+    """Train a reward model and save it, with its tokenizer and a model card, to ``training.output_dir``.
+
+    Returns:
+        metrics: final training loss and accuracy, steps, seconds per step, and
+        the agreement on ``script.eval_pairs`` when given.
+
+    Raises:
+        RlcdError: missing dataset or model, not a pair dataset.
+    """
+    from transformers import AutoTokenizer
+    from trl import get_peft_config, get_quantization_config
+
+    from ..models import silence_bitsandbytes
+    from ..pairs import load_pairs
+
+    if not script.dataset:
+        raise RlcdError("train reward: --dataset is required")
+    base = script.model or model_args.model_name_or_path
+    if not base:
+        raise RlcdError("train reward: --model (base model) is required")
+    model_args.model_name_or_path = base
+    path = common.resolve_base(base)
+    dataset = load_pairs(script.dataset, script.split, script.limit)
+    soft = script.soft_label_column in dataset.column_names and not script.hard_labels
+    keep = ["prompt", "chosen", "rejected"] + ([script.soft_label_column] if soft else [])
+    dataset = dataset.remove_columns([c for c in dataset.column_names if c not in keep])
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise RlcdError(f"cannot load tokenizer of {base!r}: {str(e).splitlines()[0]}") from None
+    if tokenizer.eos_token is None:  # encoders: end every text with [SEP], as the eval does
+        from ..reward_model import end_token
+
+        training.eos_token = end_token(tokenizer)
+    training.model_init_kwargs = {"dtype": model_args.dtype} if model_args.dtype else None
+    quantization = get_quantization_config(model_args)
+    if quantization is not None:
+        silence_bitsandbytes()
+
+    trainer_cls, collator_cls = soft_label_classes()
+    pad = tokenizer.pad_token or tokenizer.eos_token or training.eos_token
+    tokenizer.pad_token = pad
+    trainer = trainer_cls(
+        model=path,
+        args=training,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        data_collator=collator_cls(pad_token_id=tokenizer.pad_token_id, soft_label_column=script.soft_label_column),
+        quantization_config=quantization,
+        peft_config=get_peft_config(model_args),
+        soft_label_column=script.soft_label_column,
+    )
+    dropped = len(dataset) - len(trainer.train_dataset)
+    start = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - start
+    steps = max(result.global_step, 1)
+    trainer.save_model(training.output_dir)
+
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    metrics = {
+        "pairs": len(trainer.train_dataset),
+        "pairs_over_max_length": dropped,
+        "label_type": "soft (BCE on chosen_probability)" if soft else "hard (pairwise)",
+        "steps": result.global_step,
+        "seconds_per_step": round(seconds / steps, 3),
+        "train_loss": round(result.training_loss, 4),
+    }
+    if history and "accuracy" in history[-1]:
+        metrics["train_accuracy_last_log"] = round(history[-1]["accuracy"], 4)
+    if script.eval_pairs:
+        from ..evaluate import evaluate_reward_model
+        from ..reward_model import RewardScorer
+
+        model = trainer.model.merge_and_unload() if hasattr(trainer.model, "merge_and_unload") else trainer.model
+        scorer = RewardScorer(model, tokenizer, max_length=training.max_length or 512)
+        report = evaluate_reward_model(scorer, script.eval_pairs, script.eval_split, script.eval_limit)
+        metrics.update({f"eval_{k}": v for k, v in report.items()})
+    settings = {"preset": preset, **common.changed_settings(script, training, model_args)}
+    common.write_model_card(
+        training.output_dir,
+        recipe="reward",
+        base_model=base,
+        dataset=script.dataset,
+        settings=settings,
+        metrics=metrics,
+        pipeline_tag="text-classification",
+        argv=argv,
+    )
+    return metrics

@@ -1,0 +1,275 @@
+"""Training recipes (reward, PPO, SFT) and evaluation, with the tiny random Llama and the embedded encoder."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from rlcd_data.cli import main
+
+GOOD, BAD = "yes indeed, gladly", "no never, go away"
+
+
+def toy_pairs(path, n=32, soft=False):
+    """A separable pair dataset: the chosen response always says GOOD, the rejected one BAD."""
+    with open(path, "w") as f:
+        for i in range(n):
+            row = {"prompt": f"\n\nHuman: question {i}?\n\nAssistant:", "chosen": f" {i}: {GOOD}", "rejected": f" {i}: {BAD}"}
+            if soft:
+                row["chosen_probability"] = 0.75
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def reward_args(dataset, model, out, *extra):
+    return [
+        "train", "reward", "--dataset", str(dataset), "--model", str(model), "--output_dir", str(out),
+        "--preset", "none", "--learning_rate", "1e-2", "--per_device_train_batch_size", "8",
+        "--num_train_epochs", "4", "--logging_steps", "1", "--save_strategy", "no", "--disable_tqdm", "true",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def tiny_reward_model(tmp_path_factory, tiny_model_dir):
+    """A reward model trained from the tiny Llama on the separable toy pairs (shared by the tests below)."""
+    tmp = tmp_path_factory.mktemp("rm")
+    out = tmp / "rm"
+    assert main(reward_args(toy_pairs(tmp / "pairs.jsonl"), tiny_model_dir, out)) == 0
+    return out
+
+
+def test_reward_training_learns_a_separable_dataset(tiny_reward_model, tiny_model_dir, tmp_path):
+    from rlcd_data.evaluate import evaluate_reward_model
+    from rlcd_data.reward_model import RewardScorer
+
+    state = json.loads((tiny_reward_model / "trainer_state.json").read_text()) if (
+        tiny_reward_model / "trainer_state.json"
+    ).exists() else None
+    recipe = json.loads((tiny_reward_model / "rlcd_recipe.json").read_text())
+    assert recipe["metrics"]["label_type"] == "hard (pairwise)" and recipe["metrics"]["steps"] == 16
+    held_out = toy_pairs(tmp_path / "held.jsonl", n=8)
+    trained = evaluate_reward_model(RewardScorer.load(tiny_reward_model), str(held_out))
+    untrained = _untrained_scorer(tiny_model_dir)
+    before = evaluate_reward_model(untrained, str(held_out))
+    assert trained["accuracy"] == 1.0 and trained["mean_chosen_probability"] > 0.9
+    assert before["mean_chosen_probability"] < trained["mean_chosen_probability"]
+    assert state is None or state  # trainer_state is optional; the card below is not
+    card = (tiny_reward_model / "README.md").read_text()
+    assert "rlcd-data train reward" in card and "pairs.jsonl" in card and "train_loss" in card
+
+
+def _untrained_scorer(path):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rlcd_data.reward_model import RewardScorer
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+    return RewardScorer(model, AutoTokenizer.from_pretrained(path))
+
+
+def test_reward_loss_falls_and_parameters_change(tiny_reward_model, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    history = json.loads((tiny_reward_model / "rlcd_recipe.json").read_text())
+    assert history["metrics"]["train_loss"] < math.log(2)  # below chance: the loss fell from ~0.69
+    before = load_file(tiny_model_dir / "model.safetensors")
+    after = load_file(tiny_reward_model / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not (before[name] == after[name]).all()
+
+
+def test_soft_label_loss_equals_hand_computation(tiny_model_dir, tmp_path):
+    """The trainer's loss on a fixed batch is -(p log s(d) + (1-p) log s(-d)), d = r_chosen - r_rejected."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig
+
+    from rlcd_data.train.reward import soft_label_classes
+
+    trainer_cls, collator_cls = soft_label_classes()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    from datasets import Dataset
+
+    data = Dataset.from_list(
+        [{"chosen": "a b c", "rejected": "d e", "chosen_probability": 0.8},
+         {"chosen": "f g", "rejected": "h i j k", "chosen_probability": 0.3}]
+    )
+    args = RewardConfig(str(tmp_path / "o"), use_cpu=True, bf16=False, report_to="none", disable_dropout=True)
+    trainer = trainer_cls(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                          data_collator=collator_cls(pad_token_id=tokenizer.pad_token_id))
+    batch = trainer.data_collator([dict(trainer.train_dataset[i]) for i in range(2)])
+    assert batch["chosen_probability"].tolist() == pytest.approx([0.8, 0.3])
+    model.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(batch)).item()
+        rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0].tolist()
+    d = [rewards[0] - rewards[2], rewards[1] - rewards[3]]
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    expected = -sum(p * math.log(sig(x)) + (1 - p) * math.log(sig(-x)) for p, x in zip([0.8, 0.3], d)) / 2
+    assert loss == pytest.approx(expected, rel=1e-5)
+    # and with a hard label (p = 1) it is TRL's pairwise loss
+    hard = dict(batch, chosen_probability=torch.ones(2))
+    with torch.no_grad():
+        hard_loss = trainer.compute_loss(model, hard).item()
+    assert hard_loss == pytest.approx(-sum(math.log(sig(x)) for x in d) / 2, rel=1e-5)
+
+
+def test_soft_labels_train_end_to_end(tiny_model_dir, tmp_path):
+    out = tmp_path / "rm-soft"
+    args = reward_args(toy_pairs(tmp_path / "soft.jsonl", n=16, soft=True), tiny_model_dir, out, "--num_train_epochs", "1")
+    assert main(args) == 0
+    recipe = json.loads((out / "rlcd_recipe.json").read_text())
+    assert recipe["metrics"]["label_type"].startswith("soft")
+    # p = 0.75 everywhere: the loss cannot go below the entropy of 0.75
+    entropy = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert recipe["metrics"]["train_loss"] > entropy - 1e-3
+
+
+def test_encoder_reward_model_minilm(tmp_path):
+    """An encoder base (MiniLM-L6, no EOS token) trains and scores with [SEP] as the end token."""
+    from rlcd_data.reward_model import RewardScorer
+
+    out = tmp_path / "rm-minilm"
+    args = reward_args(toy_pairs(tmp_path / "p.jsonl", n=16), "minilm-l6", out, "--num_train_epochs", "1",
+                       "--learning_rate", "5e-5")
+    assert main(args) == 0
+    scorer = RewardScorer.load(out)
+    assert scorer.end == "[SEP]"
+    assert len(scorer.score(["\n\nHuman: hi\n\nAssistant: hello", "x"])) == 2
+
+
+def test_eval_reward_model_cli_matches_hand_computation(tiny_reward_model, tmp_path, capsys):
+    from rlcd_data.evaluate import agreement
+    from rlcd_data.reward_model import RewardScorer
+
+    pairs = tmp_path / "hh.jsonl"  # HH-RLHF layout: implicit prompt
+    with open(pairs, "w") as f:
+        for i in range(5):
+            f.write(json.dumps({"chosen": f"\n\nHuman: q{i}\n\nAssistant: {GOOD}",
+                                "rejected": f"\n\nHuman: q{i}\n\nAssistant: {i} {BAD}"}) + "\n")
+    assert main(["eval", "reward-model", "--reward-model", str(tiny_reward_model), "--pairs", str(pairs), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    scorer = RewardScorer.load(tiny_reward_model)
+    chosen, rejected = scorer.score([r["chosen"] for r in rows]), scorer.score([r["rejected"] for r in rows])
+    assert report == pytest.approx(agreement(chosen, rejected))
+    assert report["pairs"] == 5 and set(report) >= {"accuracy", "mean_chosen_probability", "pairs"}
+    assert main(["eval", "reward-model", "--reward-model", str(tiny_reward_model), "--pairs", str(pairs)]) == 0
+    assert "agreement" in capsys.readouterr().out
+
+
+def test_agreement_and_win_rate_on_fixed_scores():
+    from rlcd_data.evaluate import agreement, policy_comparison
+
+    report = agreement([2.0, 0.0, 1.0, -1.0], [1.0, 0.0, 3.0, -2.0])
+    assert report["accuracy"] == 0.5  # 2 > 1, 0 = 0 (a tie is no agreement), 1 < 3, -1 > -2
+    s = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    assert report["mean_chosen_probability"] == pytest.approx((s(1) + s(0) + s(-2) + s(1)) / 4)
+    comparison = policy_comparison([1.0, 2.0, 0.0], [0.5, 2.0, 1.0])
+    assert comparison["policy_win_rate"] == pytest.approx(1.5 / 3)
+    assert comparison["policy_mean_reward"] == pytest.approx(1.0) and comparison["base_mean_reward"] == pytest.approx(3.5 / 3)
+
+
+def test_ppo_runs_updates_and_eval_policy(tiny_reward_model, tiny_model_dir, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Tell me about number {i}."}) + "\n" for i in range(8)))
+    out = tmp_path / "ppo"
+    args = ["train", "ppo", "--reward_model", str(tiny_reward_model), "--policy", str(tiny_model_dir),
+            "--prompts", str(prompts), "--output_dir", str(out), "--preset", "ppo-cpu",
+            "--per_device_train_batch_size", "4", "--local_rollout_forward_batch_size", "4",
+            "--response_length", "12", "--steps", "2", "--learning_rate", "1e-3", "--disable_tqdm", "true"]
+    assert main(args) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["ppo_updates"] == 2 and metrics["rollout_batch"] == 4
+    assert metrics["value_initialised_from"] == "reward model"  # same architecture and vocabulary
+    before = load_file(tiny_model_dir / "model.safetensors")
+    after = load_file(out / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert not (before[name] == after[name]).all()
+    assert "rlcd-data train ppo" in (out / "README.md").read_text()
+
+    samples = tmp_path / "samples.jsonl"
+    assert main(["eval", "policy", "--policy", str(out), "--reward-model", str(tiny_reward_model),
+                 "--prompts", str(prompts), "--limit", "4", "--max-new-tokens", "8", "--samples", str(samples),
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert report["prompts"] == len(rows) == 4 and report["base"] == str(tiny_model_dir)
+    assert report["policy_mean_reward"] == pytest.approx(sum(r["policy_reward"] for r in rows) / 4)
+    wins = sum(1.0 if r["policy_reward"] > r["base_reward"] else 0.5 if r["policy_reward"] == r["base_reward"] else 0
+               for r in rows)
+    assert report["policy_win_rate"] == pytest.approx(wins / 4)
+
+
+def test_text_reward_cuts_at_human_turn_and_penalises(tiny_reward_model, tiny_model_dir):
+    """The PPO reward reads decoded text: cut at the next Human turn; an unfinished response gets the penalty."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from rlcd_data.reward_model import RewardScorer
+    from rlcd_data.train.ppo import _reward_adapter_class
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    scorer = RewardScorer.load(tiny_reward_model)
+    prompt = "\n\nHuman: hi?\n\nAssistant:"
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    reward = _reward_adapter_class()(scorer, tok, {tuple(prompt_ids): prompt}, penalty=-7.0)
+    finished = prompt_ids + tok(f" {GOOD}\n\nHuman: more", add_special_tokens=False)["input_ids"]
+    unfinished = prompt_ids + tok(f" {GOOD} and so", add_special_tokens=False)["input_ids"]
+    width = max(len(finished), len(unfinished)) + 1  # every row ends in padding except where noted
+    pad = tok.pad_token_id
+    rows = [finished + [pad] * (width - len(finished)), unfinished + [7] * (width - len(unfinished))]
+    ids = torch.tensor(rows)
+    mask = torch.tensor([[1] * len(finished) + [0] * (width - len(finished)), [1] * width])
+    out = reward.score(getattr(reward, reward.base_model_prefix)(input_ids=ids, attention_mask=mask).hidden_states[-1])
+    expected = scorer.score([prompt + f" {GOOD}"])[0]
+    assert out[0, -1, 0].item() == pytest.approx(expected, rel=1e-5)
+    assert out[1, -1, 0].item() == -7.0
+
+
+def test_sft_on_pairs_uses_chosen(tiny_model_dir, tmp_path):
+    out = tmp_path / "sft"
+    args = ["train", "sft", "--dataset", str(toy_pairs(tmp_path / "p.jsonl", n=8)), "--model", str(tiny_model_dir),
+            "--output_dir", str(out), "--max_steps", "3", "--per_device_train_batch_size", "4",
+            "--learning_rate", "1e-3", "--save_strategy", "no", "--disable_tqdm", "true"]
+    assert main(args) == 0
+    recipe = json.loads((out / "rlcd_recipe.json").read_text())
+    assert recipe["metrics"]["steps"] == 3 and recipe["metrics"]["examples"] == 8
+    from rlcd_data.pairs import load_table
+    from rlcd_data.train.sft import prompt_completion
+
+    converted = prompt_completion(load_table(tmp_path / "p.jsonl"))
+    assert converted[0] == {"prompt": "\n\nHuman: question 0?\n\nAssistant:", "completion": f" 0: {GOOD}"}
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "reward", "--model", "x"], "--dataset is required"),
+        (["train", "reward", "--dataset", "missing.jsonl", "--model", "x"], "no such file"),
+        (["train", "reward", "--preset", "nope", "--dataset", "d"], "unknown preset 'nope'"),
+        (["train", "ppo", "--policy", "p", "--prompts", "q"], "--reward_model is required"),
+        (["eval", "reward-model", "--reward-model", "nowhere/at/all", "--pairs", "p.jsonl"], "no such model folder"),
+    ],
+)
+def test_training_cli_errors_are_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_not_a_pair_dataset(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "hello"}) + "\n")
+    assert main(["train", "reward", "--dataset", str(bad), "--model", "x"]) == 2
+    assert "not a pair dataset: no 'chosen' or 'rejected' column (columns: text)" in capsys.readouterr().err
