@@ -28,6 +28,10 @@ INPUT_VARIABLES = {
 }
 DESCRIPTOR_VARIABLES = {"positive", "negative"}
 TEMPLATE_FILES = {"prompt": "prompt.jinja", "p_plus": "p_plus.jinja", "p_minus": "p_minus.jinja"}
+# The A/B comparison prompt of the RLAIF labeller (optional: without it a task
+# supports only the methods that need no scorer).
+COMPARE_FILE = "compare.jinja"
+COMPARE_VARIABLES = {"instruction", "response_a", "response_b"}
 
 # User templates are untrusted input: sandboxed, and strict about undefined names.
 JINJA = SandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False, autoescape=False)
@@ -61,6 +65,35 @@ class Task:
     descriptors: tuple[DescriptorPair, ...]
     folder: Path
     templates: dict[str, jinja2.Template]
+    instructions: tuple[str, ...] = ()  # comparison instructions: one per descriptor pair, or one for all
+    scorer_version: int | None = None
+
+    @property
+    def has_scorer(self) -> bool:
+        return "compare" in self.templates
+
+    def instruction_index(self, descriptor_index: int) -> int:
+        """The comparison instruction matched to a drawn descriptor pair (RLCD-Rescore, RLAIF)."""
+        return descriptor_index if len(self.instructions) > 1 else 0
+
+    def render_comparison(self, prompt_text: str, descriptor_index: int, response_a: str, response_b: str) -> str:
+        """The labeller's prompt for one pair of responses, ending in ``The answer is: (``.
+
+        Raises:
+            RlcdError: the task has no compare.jinja, or it fails to render.
+        """
+        if not self.has_scorer:
+            raise RlcdError(f"task {self.name!r} has no {COMPARE_FILE}: it cannot label pairs")
+        values = {
+            **self.variables(prompt_text),
+            "instruction": self.instructions[self.instruction_index(descriptor_index)],
+            "response_a": response_a,
+            "response_b": response_b,
+        }
+        try:
+            return self.templates["compare"].render(values)
+        except jinja2.TemplateError as e:
+            raise RlcdError(f"{self.folder / COMPARE_FILE}: {getattr(e, 'message', e)}") from None
 
     @property
     def bundled_prompts(self) -> Path | None:
@@ -166,6 +199,7 @@ def load_task_folder(folder: Path) -> Task:
             raise RlcdError(f"{folder / TEMPLATE_FILES[key]}: never uses {{{{ {side} }}}}")
     if used["prompt"] & DESCRIPTOR_VARIABLES:
         raise RlcdError(f"{folder / 'prompt.jinja'}: the unmodified prompt must not use descriptors")
+    instructions, scorer_version = _load_compare(folder, meta, templates)
     return Task(
         name=folder.name,
         description=meta["description"],
@@ -175,7 +209,46 @@ def load_task_folder(folder: Path) -> Task:
         descriptors=meta["descriptors"],
         folder=folder,
         templates=templates,
+        instructions=instructions,
+        scorer_version=scorer_version,
     )
+
+
+def _load_compare(folder: Path, meta: dict, templates: dict) -> tuple[tuple[str, ...], int | None]:
+    """Read the optional comparison template and its instructions (``scorer:`` in task.yaml)."""
+    path = folder / COMPARE_FILE
+    scorer = meta.get("scorer")
+    if not path.is_file():
+        if scorer is not None:
+            raise RlcdError(f"{folder / 'task.yaml'}: has a scorer section but {path.name} is missing")
+        return (), None
+    where = folder / "task.yaml"
+    if not isinstance(scorer, dict) or "instructions" not in scorer or "version" not in scorer:
+        raise RlcdError(f"{where}: {COMPARE_FILE} needs a `scorer:` section with `version` and `instructions`")
+    instructions = scorer["instructions"]
+    n = len(meta["descriptors"])
+    if not isinstance(instructions, list) or len(instructions) not in {1, n} or not all(
+        isinstance(i, str) and i.strip() for i in instructions
+    ):
+        raise RlcdError(f"{where}: scorer.instructions must list 1 or {n} (one per descriptor pair) non-empty texts")
+    source = path.read_text()
+    try:
+        names = jinja2.meta.find_undeclared_variables(JINJA.parse(source))
+        templates["compare"] = JINJA.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise RlcdError(f"{path}:{e.lineno}: template syntax error: {e.message}") from None
+    allowed = INPUT_VARIABLES[meta["input"]] | COMPARE_VARIABLES
+    unknown = sorted(names - allowed)
+    if unknown:
+        raise RlcdError(
+            f"{path}: undefined template variable(s) {', '.join(unknown)} (it is given: {', '.join(sorted(allowed))})"
+        )
+    missing = sorted(COMPARE_VARIABLES - names)
+    if missing:
+        raise RlcdError(f"{path}: never uses {', '.join(missing)}")
+    if not source.rstrip("\n").endswith("The answer is: ("):
+        raise RlcdError(f"{path}: must end with 'The answer is: (' (the label is the next token, A or B)")
+    return tuple(i.strip() for i in instructions), int(scorer["version"])
 
 
 def _read_task_yaml(path: Path) -> dict:
