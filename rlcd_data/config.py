@@ -19,7 +19,8 @@ CONFIG_FILENAME = "rlcd_build.yaml"
 QUANTIZATIONS = ("auto", "8bit", "4bit", "none")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 FORMATS = ("standard", "conversational")
-METHODS = ("rlcd",)
+METHODS = ("rlcd", "rlaif", "rlcd-rescore", "context-distillation")
+SCORED_METHODS = ("rlaif", "rlcd-rescore")
 
 # Fields that do not change what a build writes; left out of its fingerprint.
 OUTPUT_NEUTRAL_FIELDS = frozenset({"output", "overwrite", "resume", "batch_size"})
@@ -60,7 +61,19 @@ class BuildConfig:
         default=None,
         metadata={"help": "Folder of user task folders (same layout as the built-in ones); they override built-ins."},
     )
-    method: str = field(default="rlcd", metadata={"help": "How pairs are made.", "choices": METHODS})
+    method: str = field(
+        default="rlcd",
+        metadata={
+            "help": "rlcd (p+/p- outputs, labels by construction), or a baseline of the paper: rlaif (two samples "
+            "labelled by the model's A/B preference), rlcd-rescore (RLCD outputs labelled that way), "
+            "context-distillation (p+ outputs as prompt-completion data for SFT).",
+            "choices": METHODS,
+        },
+    )
+    label_both_orders: bool = field(
+        default=False,
+        metadata={"help": "rlaif/rlcd-rescore: score each pair as (A, B) and (B, A) and average (cancels position bias)."},
+    )
     model: str = field(
         default=DEFAULT_MODEL,
         metadata={
@@ -125,6 +138,8 @@ class BuildConfig:
             raise RlcdError(f"test_size must be a fraction in (0, 1) or a whole number of pairs, got {self.test_size}")
         if self.overwrite and self.resume:
             raise RlcdError("--overwrite and --resume exclude each other")
+        if self.label_both_orders and self.method not in SCORED_METHODS:
+            raise RlcdError(f"--label-both-orders applies to {' and '.join(SCORED_METHODS)}, not --method {self.method}")
         if self.output is None:
             self.output = f"rlcd-{self.task}"
 

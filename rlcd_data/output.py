@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import CONFIG_FILENAME, BuildConfig
+from .methods import METHODS
 from .conversation import as_completion, to_messages
 from .tasks import JINJA, Task
 from .resources import resource_dir
@@ -20,40 +21,58 @@ CARD_TEMPLATE = "dataset_card.md"
 VERSIONED_PACKAGES = ("rlcd-data", "transformers", "torch", "datasets", "huggingface_hub", "bitsandbytes")
 
 
-def features(fmt: str):
-    """The output schema: TRL's explicit-prompt preference format plus provenance columns."""
+def features(fmt: str, method: str = "rlcd"):
+    """The output schema: TRL's explicit-prompt formats plus provenance columns.
+
+    Pair methods write ``prompt``/``chosen``/``rejected`` (scored ones add
+    ``chosen_probability``); context distillation writes ``prompt``/``completion``.
+    """
     from datasets import Features, List, Value
 
     text = Value("string")
     message = {"role": Value("string"), "content": Value("string")}
-    conversational = fmt == "conversational"
-    return Features(
-        {
-            "prompt": List(message) if conversational else text,
-            "chosen": List(message) if conversational else text,
-            "rejected": List(message) if conversational else text,
-            "p_plus": text,
-            "p_minus": text,
-            "descriptor_index": Value("int32"),
-            "positive_descriptor": text,
-            "negative_descriptor": text,
-            "source_index": Value("int64"),
-            "chosen_tokens": Value("int32"),
-            "rejected_tokens": Value("int32"),
-        }
-    )
+    main = List(message) if fmt == "conversational" else text
+    descriptor = {
+        "descriptor_index": Value("int32"),
+        "positive_descriptor": text,
+        "negative_descriptor": text,
+        "source_index": Value("int64"),
+    }
+    if method == "context-distillation":
+        return Features(
+            {"prompt": main, "completion": main, "p_plus": text, **descriptor, "completion_tokens": Value("int32")}
+        )
+    tokens = {"chosen_tokens": Value("int32"), "rejected_tokens": Value("int32")}
+    pair = {"prompt": main, "chosen": main, "rejected": main}
+    if method == "rlaif":
+        return Features(
+            {**pair, "chosen_probability": Value("float64"), "instruction_index": Value("int32"),
+             "source_index": Value("int64"), **tokens}
+        )
+    columns = {**pair, "p_plus": text, "p_minus": text, **descriptor, **tokens}
+    if method == "rlcd-rescore":
+        columns = {**pair, "chosen_probability": Value("float64"), "chosen_is_p_plus": Value("bool"),
+                   **{k: v for k, v in columns.items() if k not in pair}}
+    return Features(columns)
 
 
 def to_conversational(row: dict) -> dict:
-    prompt, chosen = to_messages(row["prompt"], row["chosen"])
-    _, rejected = to_messages(row["prompt"], row["rejected"])
-    return {**row, "prompt": prompt, "chosen": chosen, "rejected": rejected}
+    out = dict(row)
+    prompt, _ = to_messages(row["prompt"])
+    out["prompt"] = prompt
+    for column in ("chosen", "rejected", "completion"):
+        if column in row:
+            out[column] = to_messages(row["prompt"], row[column])[1]
+    return out
 
 
 def to_standard(row: dict) -> dict:
     """TRL's explicit-prompt format: completions that continue the prompt text (``prompt + chosen``)."""
-    prompt = row["prompt"]
-    return {**row, "chosen": as_completion(prompt, row["chosen"]), "rejected": as_completion(prompt, row["rejected"])}
+    out = dict(row)
+    for column in ("chosen", "rejected", "completion"):
+        if column in out:
+            out[column] = as_completion(row["prompt"], out[column])
+    return out
 
 
 def library_versions() -> dict[str, str]:
@@ -90,7 +109,7 @@ def write_dataset_folder(
         rows = [to_conversational(r) for r in rows]
     else:
         rows = [to_standard(r) for r in rows]
-    dataset = Dataset.from_list(rows, features=features(config.format))
+    dataset = Dataset.from_list(rows, features=features(config.format, config.method))
     if config.test_size and len(dataset) >= 2:
         test_size = int(config.test_size) if config.test_size >= 1 else config.test_size
         splits = dataset.train_test_split(test_size=test_size, seed=config.seed)
@@ -115,6 +134,7 @@ def write_dataset_folder(
         download_size=download_size,
         example=rows[0] if rows else None,
         dataset_ref=str(out),
+        rows=rows,
     )
     card.save(staging / "README.md")
     (staging / CONFIG_FILENAME).write_text(config.to_yaml())
@@ -138,6 +158,7 @@ def render_card(
     download_size: int,
     example: dict | None,
     dataset_ref: str,
+    rows: list[dict] | None = None,
 ):
     """The dataset card: Hub YAML metadata (with `configs` and `dataset_info`) and a body from ``cards/``.
 
@@ -153,9 +174,9 @@ def render_card(
     card_data = DatasetCardData(
         license=config.license,
         language=["en"],
-        pretty_name=f"RLCD {task.name} preference pairs",
+        pretty_name=f"{config.method} {task.name} " + ("SFT data" if config.method == "context-distillation" else "preference pairs"),
         task_categories=["text-generation"],
-        tags=["rlcd", "synthetic", "preference", "dpo", "reward-modeling"],
+        tags=sorted({"rlcd", config.method, "synthetic", "preference", "dpo", "reward-modeling"}),
         size_categories=[size_category(total)],
     )
     MetadataConfigs(
@@ -165,7 +186,7 @@ def render_card(
     for name, (n, nbytes) in splits.items():
         split_dict.add(SplitInfo(name=name, num_bytes=nbytes, num_examples=n))
     info = DatasetInfo(
-        features=features(config.format),
+        features=features(config.format, config.method),
         splits=split_dict,
         download_size=download_size,
         dataset_size=sum(b for _, b in splits.values()),
@@ -182,8 +203,25 @@ def render_card(
         dataset_ref=dataset_ref,
         versions=library_versions(),
         command=build_command(config),
+        method=METHODS[config.method],
+        labels=label_summary(rows),
     )
     return DatasetCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
+
+
+def label_summary(rows: list[dict] | None) -> dict | None:
+    """Soft-label statistics of a scored build: mean probability, pairs within 0.4-0.6, agreement with construction."""
+    scored = [r for r in rows or [] if "chosen_probability" in r]
+    if not scored:
+        return None
+    probabilities = [r["chosen_probability"] for r in scored]
+    agree = [r["chosen_is_p_plus"] for r in scored if "chosen_is_p_plus" in r]
+    return {
+        "rows": len(scored),
+        "mean_probability": sum(probabilities) / len(probabilities),
+        "uncertain": sum(p < 0.6 for p in probabilities),  # chosen_probability >= 0.5 by construction
+        "agreement": sum(agree) / len(agree) if agree else None,
+    }
 
 
 def build_command(config: BuildConfig) -> str:

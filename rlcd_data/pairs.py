@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .conversation import ASSISTANT_TAG
+from .conversation import ASSISTANT_TAG, as_completion
 from .errors import RlcdError
 
 SOFT_LABEL_COLUMN = "chosen_probability"
@@ -97,7 +97,7 @@ def pair_texts(row: dict, tokenizer=None) -> tuple[str, str]:
             if tokenizer is not None and getattr(tokenizer, "chat_template", None):
                 return tokenizer.apply_chat_template(messages, tokenize=False)
             return messages_to_text(messages)
-        return (prompt or "") + completion
+        return (prompt or "") + as_completion(prompt or "", completion)
 
     return render(row["chosen"]), render(row["rejected"])
 

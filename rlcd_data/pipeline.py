@@ -14,11 +14,14 @@ from .config import BuildConfig
 from .conversation import extract_response
 from .errors import RlcdError
 from .generate import Generator, SamplingSettings, request_seed
+from .methods import METHODS, Method, base_row, label_rows, supported
 from .prompts import PromptSet, load_prompts
+from .scorer import Scorer
 from .tasks import ContrastPair, Task, load_task
 
 STAGING = ".rlcd-build"  # completed pairs land here as the build goes
-SIDES = ("chosen", "rejected")  # chosen comes from p+, rejected from p-
+# Sampling seeds name p+ and p- as the chosen and rejected sides (as since the first release).
+SEED_SIDE = {"p_plus": "chosen", "p_minus": "rejected"}
 STATE_FILE = "state.json"  # what an interrupted build was building, checked on --resume
 
 
@@ -67,6 +70,11 @@ def prepare(config: BuildConfig) -> tuple[Task, PromptSet, list[ContrastPair]]:
         RlcdError: unknown task, bad templates, bad prompt source.
     """
     task = load_task(config.task, config.templates)
+    if config.method not in supported(task):
+        raise RlcdError(
+            f"task {task.name!r} does not support --method {config.method} (it has no compare.jinja for the "
+            f"A/B labeller; supported: {', '.join(supported(task))})"
+        )
     source = config.prompts or task.bundled_prompts
     if source is None:
         raise RlcdError(f"task {task.name!r} has no bundled prompts; pass --prompts")
@@ -77,13 +85,17 @@ def prepare(config: BuildConfig) -> tuple[Task, PromptSet, list[ContrastPair]]:
     return task, prompt_set, pairs
 
 
-def build(config: BuildConfig, generator: Generator | None = None, progress: bool = True) -> BuildResult:
-    """Build an RLCD preference dataset into ``config.output``.
+def build(
+    config: BuildConfig, generator: Generator | None = None, progress: bool = True, scorer: Scorer | None = None
+) -> BuildResult:
+    """Build a preference dataset (RLCD or a baseline, see `rlcd_data.methods`) into ``config.output``.
 
     Args:
         config: what to build.
         generator: the model to sample from; default: load ``config.model``.
         progress: show a progress bar on stderr.
+        scorer: the A/B labeller of scored methods; default: the generator's
+            own model (no second copy).
 
     Returns:
         BuildResult with the output folder, counts and split sizes.
@@ -114,6 +126,14 @@ def build(config: BuildConfig, generator: Generator | None = None, progress: boo
 
         model, tokenizer, source = load_causal_lm(config.model, config.quantization, config.dtype)
         generator = TransformersGenerator(model, tokenizer, config.batch_size, source.description)
+    method = METHODS[config.method]
+    if method.scored and scorer is None:
+        from .scorer import TransformersScorer
+
+        if not hasattr(generator, "model"):
+            raise RlcdError(f"--method {method.name} needs a scorer for this generator")
+        scorer = TransformersScorer(generator.model, generator.tokenizer, config.batch_size)
+    labeller = {"method": method, "task": task, "scorer": scorer}
 
     stats = BuildStats(
         prompts_read=prompt_set.read,
@@ -129,7 +149,9 @@ def build(config: BuildConfig, generator: Generator | None = None, progress: boo
             shutil.rmtree(staging)  # parts of an earlier, different build
         staging.mkdir(parents=True)
         _write_atomic(staging / STATE_FILE, json.dumps(state, indent=2))
-    rows = previous_rows + _generate_rows(todo, generator, config, stats, staging, progress, next_part, len(pairs))
+    rows = previous_rows + _generate_rows(
+        todo, generator, config, stats, staging, progress, next_part, len(pairs), labeller
+    )
     rows.sort(key=lambda r: r["source_index"])
     stats.dropped_source_indices.sort()
     stats.seconds = time.monotonic() - started
@@ -151,8 +173,10 @@ def _generate_rows(
     progress: bool,
     first_part: int = 0,
     total: int | None = None,
+    labeller: dict | None = None,
 ) -> list[dict]:
-    """Generate both sides of every pair, writing completed pairs to ``staging`` as they finish.
+    """Generate every output of every example (both sides of a pair for RLCD), label scored
+    methods, and write completed rows to ``staging`` as they finish.
 
     Each output may take up to ``1 + max_retries`` attempts; attempt ``a`` of
     an output samples with its own seed, and the output is the first attempt
@@ -164,6 +188,9 @@ def _generate_rows(
     """
     from tqdm.auto import tqdm
 
+    labeller = labeller or {"method": METHODS["rlcd"], "task": None, "scorer": None}
+    method: Method = labeller["method"]
+    sides = method.sides
     settings = SamplingSettings(config.max_new_tokens, config.temperature)
     chunk = 4 * config.batch_size  # pairs per generate() call: 8 batches of sequences
     responses: dict[tuple[int, str], str] = {}
@@ -173,7 +200,7 @@ def _generate_rows(
     total = len(pairs) if total is None else total
     bar = tqdm(
         total=total, initial=total - len(pairs), unit="pair", disable=not progress, dynamic_ncols=True,
-        desc=f"rlcd {config.task}",
+        desc=f"{method.name} {config.task}",
     )
     clock = time.monotonic()
     call: dict = {"requests": [], "outcomes": {}}  # the generate() call under way
@@ -193,7 +220,7 @@ def _generate_rows(
         for index, completion in done:
             key, attempt = call["requests"][index]
             call["outcomes"].setdefault(key, {})[attempt] = extract_response(completion.text, completion.ended)
-            if key[0] not in counted and all(resolved((key[0], side)) for side in SIDES):
+            if key[0] not in counted and all(resolved((key[0], side)) for side in sides):
                 counted.add(key[0])
                 bar.update(1)
         elapsed = max(time.monotonic() - clock, 1e-9)
@@ -204,10 +231,13 @@ def _generate_rows(
         while start < len(pairs) or next_attempt:
             fresh = range(start, min(start + chunk, len(pairs)))
             start = fresh.stop
-            next_attempt.update({(i, side): 0 for i in fresh for side in SIDES})
+            next_attempt.update({(i, side): 0 for i in fresh for side in sides})
             requests = _schedule(next_attempt, config.batch_size, config.max_retries)
-            texts = [pairs[i].p_plus if side == "chosen" else pairs[i].p_minus for (i, side), _ in requests]
-            seeds = [request_seed(config.seed, "sample", pairs[i].source_index, side, a) for (i, side), a in requests]
+            texts = [method.request_text(pairs[i], side) for (i, side), _ in requests]
+            seeds = [
+                request_seed(config.seed, "sample", pairs[i].source_index, SEED_SIDE.get(side, side), a)
+                for (i, side), a in requests
+            ]
             call.update(requests=requests, outcomes={})
             completions = generator.generate(texts, seeds, settings, on_progress)
             outcomes: dict[tuple[int, str], dict[int, str | None]] = call["outcomes"]
@@ -229,7 +259,15 @@ def _generate_rows(
                 del next_attempt[key]
             waiting = {i for i, _ in next_attempt}
             finished = sorted({i for i, _ in outcomes} - waiting)
-            new_rows = [_row(pairs[i], responses, i, generator) for i in finished if i not in dropped]
+            new_rows = [
+                base_row(pairs[i], method, {side: responses[i, side] for side in sides}, generator.count_tokens)
+                for i in finished
+                if i not in dropped
+            ]
+            new_rows = label_rows(
+                new_rows, method=method, task=labeller["task"], scorer=labeller["scorer"], seed=config.seed,
+                both_orders=config.label_both_orders,
+            )
             lost = [pairs[i].source_index for i in finished if i in dropped]
             stats.examples_dropped += len(lost)
             stats.dropped_source_indices += lost
@@ -256,23 +294,6 @@ def _schedule(next_attempt: dict, batch_size: int, max_retries: int) -> list[tup
         requests += extra[: batch_size - len(requests)]
         depth += 1
     return requests
-
-
-def _row(pair: ContrastPair, responses: dict, i: int, generator: Generator) -> dict:
-    chosen, rejected = responses[i, "chosen"], responses[i, "rejected"]
-    return {
-        "prompt": pair.prompt,
-        "chosen": chosen,
-        "rejected": rejected,
-        "p_plus": pair.p_plus,
-        "p_minus": pair.p_minus,
-        "descriptor_index": pair.descriptor_index,
-        "positive_descriptor": pair.descriptors.positive,
-        "negative_descriptor": pair.descriptors.negative,
-        "source_index": pair.source_index,
-        "chosen_tokens": generator.count_tokens(chosen),
-        "rejected_tokens": generator.count_tokens(rejected),
-    }
 
 
 def _write_part(path: Path, records: list[dict]) -> None:
@@ -316,7 +337,14 @@ def _build_state(config: BuildConfig, task: Task, pairs: list[ContrastPair]) -> 
 
 
 def _check_state(path: Path, state: dict) -> None:
+    import dataclasses
+
     saved = json.loads(path.read_text())
+    # A field added since the interrupted build was started counts as unchanged at its default.
+    defaults = {f.name: f.default for f in dataclasses.fields(BuildConfig)}
+    for k, v in state["config"].items():
+        if k not in saved["config"] and v == defaults.get(k):
+            saved["config"][k] = v
     differ = sorted(
         k for k in set(saved["config"]) | set(state["config"]) if saved["config"].get(k) != state["config"].get(k)
     )

@@ -69,7 +69,7 @@ def test_failed_outputs_are_retried_then_dropped(tmp_path, fake_generator, batch
 
     rows = datasets.load_dataset(str(tmp_path / "out"), split="train").to_list()
     assert [(r["source_index"], r["chosen"], r["rejected"]) for r in rows] == [
-        (0, "fine 0", "fine 0"), (2, "fine 2", "fine 2"), (3, "fine 0", "fine 0")
+        (0, " fine 0", " fine 0"), (2, " fine 2", " fine 2"), (3, " fine 0", " fine 0")
     ]
     card = (result.output / "README.md").read_text()
     assert "| examples dropped after 3 retries | 1 |" in card
