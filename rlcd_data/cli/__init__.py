@@ -12,8 +12,15 @@ from . import eval as eval_
 COMMANDS = {"build": build, "push": push, "preview": preview, "ls": ls, "train": train, "eval": eval_}
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (no usage dump); `--help` shows the usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="rlcd-data", description="Simulate RLCD preference datasets with a language model."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -24,7 +31,10 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (2 for bad input, 130 when interrupted)."""
-    args = make_parser().parse_args(argv)
+    try:
+        args = make_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a bad flag (2), already printed
+        return e.code if isinstance(e.code, int) else 2
     try:
         return COMMANDS[args.command].run(args) or 0
     except RlcdError as e:

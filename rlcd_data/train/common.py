@@ -47,6 +47,11 @@ def parse(parser, argv: list[str] | None, default_preset: str | None = None):
         RlcdError: unknown preset, unreadable config file or unknown keys in it.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+
+    def one_line_error(message: str):
+        raise RlcdError(f"{parser.prog}: {message} (see --help)")
+
+    parser.error = one_line_error
     preset = default_preset
     if "--preset" in argv:
         i = argv.index("--preset")
