@@ -56,6 +56,9 @@ class PPOScriptArguments:
 
 
 def make_parser():
+    import os
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # PPO lives in trl.experimental in trl 1.12
     from trl import ModelConfig, TrlParser
     from trl.experimental.ppo import PPOConfig
 
