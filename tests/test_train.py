@@ -259,7 +259,7 @@ def test_sft_on_pairs_uses_chosen(tiny_model_dir, tmp_path):
         (["train", "reward", "--dataset", "missing.jsonl", "--model", "x"], "no such file"),
         (["train", "reward", "--preset", "nope", "--dataset", "d"], "unknown preset 'nope'"),
         (["train", "ppo", "--policy", "p", "--prompts", "q"], "--reward_model is required"),
-        (["train", "reward", "--dataset", "d", "--learnin_rate", "1"], "unrecognized arguments: --learnin_rate"),
+        (["train", "reward", "--dataset", "d", "--learnin_rate", "1"], "not used by the HfArgumentParser: ['--learnin_rate'"),
         (["train", "sft", "--dataset", "d", "--config", "nope.yaml"], "--config: no such file nope.yaml"),
         (["eval", "reward-model", "--reward-model", "nowhere/at/all", "--pairs", "p.jsonl"], "no such model folder"),
     ],
