@@ -23,9 +23,9 @@ METHODS = ("rlcd", "rlaif", "rlcd-rescore", "context-distillation")
 SCORED_METHODS = ("rlaif", "rlcd-rescore")
 
 # Fields that do not change what a build writes; left out of its fingerprint.
-OUTPUT_NEUTRAL_FIELDS = frozenset({"output", "overwrite", "resume", "batch_size"})
+OUTPUT_NEUTRAL_FIELDS = frozenset({"output", "overwrite", "resume", "batch_size", "num_shards", "shard_index"})
 # Actions for one run, not part of what was built: not saved with the dataset.
-ACTION_FIELDS = ("overwrite", "resume")
+ACTION_FIELDS = ("overwrite", "resume", "num_shards", "shard_index")
 
 
 @dataclass
@@ -117,6 +117,17 @@ class BuildConfig:
         default=False,
         metadata={"help": "Continue an interrupted build in the same --output folder, keeping its completed pairs."},
     )
+    num_shards: int | None = field(
+        default=None,
+        metadata={
+            "help": "Split the prompts into N disjoint shards (example i goes to shard i mod N); each process "
+            "builds one into the shared --output folder, then `rlcd-data merge` assembles them. "
+            "Default: WORLD_SIZE under accelerate launch / torchrun, else 1."
+        },
+    )
+    shard_index: int | None = field(
+        default=None, metadata={"help": "Which shard this process builds (0-based). Default: RANK under a launcher."}
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -142,6 +153,21 @@ class BuildConfig:
             raise RlcdError(f"--label-both-orders applies to {' and '.join(SCORED_METHODS)}, not --method {self.method}")
         if self.output is None:
             self.output = f"rlcd-{self.task}"
+        if (self.num_shards is None) != (self.shard_index is None):
+            raise RlcdError("--num-shards and --shard-index go together")
+        if self.num_shards is not None and not (self.num_shards >= 1 and 0 <= self.shard_index < self.num_shards):
+            raise RlcdError(f"--shard-index must be in 0..{self.num_shards - 1} for --num-shards {self.num_shards}")
+
+    def shard(self) -> tuple[int, int] | None:
+        """(index, count) of this process's shard, from the flags or a launcher's RANK/WORLD_SIZE; None if unsharded."""
+        import os
+
+        if self.num_shards is not None:
+            return (self.shard_index, self.num_shards) if self.num_shards > 1 else None
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:
+            return int(os.environ.get("RANK", "0")), world
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,7 @@ STAGING = ".rlcd-build"  # completed pairs land here as the build goes
 # Sampling seeds name p+ and p- as the chosen and rejected sides (as since the first release).
 SEED_SIDE = {"p_plus": "chosen", "p_minus": "rejected"}
 STATE_FILE = "state.json"  # what an interrupted build was building, checked on --resume
+DONE_FILE = "done.json"  # a finished shard: its configuration and counts, read by `merge`
 
 
 @dataclass
@@ -46,17 +48,34 @@ class BuildResult:
     stats: BuildStats
     splits: dict[str, int]
     model: str
+    shard: tuple[int, int] | None = None  # a shard's result: its rows wait in OUTPUT/.rlcd-build for `merge`
 
     def load_line(self) -> str:
         return f'datasets.load_dataset("{self.output}")'
 
 
-def check_output(out: Path, overwrite: bool, resume: bool = False) -> None:
+def shard_dir(out: Path, shard: tuple[int, int] | None) -> Path:
+    """Where a build (or one shard of it) keeps its completed parts."""
+    if shard is None:
+        return out / STAGING
+    return out / STAGING / f"shard-{shard[0]:05d}-of-{shard[1]:05d}"
+
+
+def check_output(out: Path, overwrite: bool, resume: bool = False, shard: tuple[int, int] | None = None) -> None:
     if out.exists() and not out.is_dir():
         raise RlcdError(f"{out}: output exists and is not a folder")
+    staging = shard_dir(out, shard)
     if resume:
-        if not (out / STAGING / STATE_FILE).is_file():
-            raise RlcdError(f"{out}: nothing to resume (no interrupted build in this folder)")
+        if not (staging / STATE_FILE).is_file():
+            what = f"shard {shard[0]} of {shard[1]}" if shard else "build"
+            raise RlcdError(f"{out}: nothing to resume (no interrupted {what} in this folder)")
+        return
+    if shard is not None:
+        # Shards share the folder: only this shard's own staging folder must be new.
+        others = [p.name for p in out.iterdir() if p.name != STAGING] if out.is_dir() else []
+        if (others or (staging.is_dir() and any(staging.iterdir()))) and not overwrite:
+            hint = " or --resume to continue it" if (staging / STATE_FILE).is_file() else ""
+            raise RlcdError(f"{out}: output folder or this shard's files exist (pass --overwrite to replace them{hint})")
         return
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         hint = " or --resume to continue it" if (out / STAGING / STATE_FILE).is_file() else ""
@@ -108,10 +127,13 @@ def build(
 
     started = time.monotonic()
     out = Path(config.output)
-    check_output(out, config.overwrite, config.resume)
-    task, prompt_set, pairs = prepare(config)
-    staging = out / STAGING
-    state = _build_state(config, task, pairs)
+    shard = config.shard()
+    check_output(out, config.overwrite, config.resume, shard)
+    task, prompt_set, all_pairs = prepare(config)
+    # Shard k of n takes examples k, k + n, k + 2n, ...: every shard gets short and long prompts alike.
+    pairs = all_pairs if shard is None else all_pairs[shard[0] :: shard[1]]
+    staging = shard_dir(out, shard)
+    state = _build_state(config, task, all_pairs)
     previous_rows: list[dict] = []
     previous_dropped: list[int] = []
     next_part = 0
@@ -147,14 +169,24 @@ def build(
     if not config.resume:
         if staging.exists():
             shutil.rmtree(staging)  # parts of an earlier, different build
-        staging.mkdir(parents=True)
-        _write_atomic(staging / STATE_FILE, json.dumps(state, indent=2))
+        try:
+            staging.mkdir(parents=True)
+            _write_atomic(staging / STATE_FILE, json.dumps(state, indent=2))
+        except OSError as e:
+            raise RlcdError(f"{staging}: cannot write ({e.strerror})") from None
     rows = previous_rows + _generate_rows(
         todo, generator, config, stats, staging, progress, next_part, len(pairs), labeller
     )
     rows.sort(key=lambda r: r["source_index"])
     stats.dropped_source_indices.sort()
     stats.seconds = time.monotonic() - started
+    if shard is not None:
+        record = {"config": config.to_dict(), "stats": dataclasses.asdict(stats), "model": generator.description}
+        _write_atomic(staging / DONE_FILE, json.dumps(record, indent=2))
+        result = BuildResult(out, config, stats, {}, generator.description, shard=shard)
+        if config.num_shards is None:  # started by a launcher (RANK / WORLD_SIZE): rank 0 merges
+            return _merge_when_all_done(out, result)
+        return result
     if not rows:
         raise RlcdError(
             f"no pairs: all {len(pairs)} examples failed after {config.max_retries} retries "
@@ -272,7 +304,13 @@ def _generate_rows(
             stats.examples_dropped += len(lost)
             stats.dropped_source_indices += lost
             lost = [{"dropped_source_index": k} for k in lost]  # recorded so a resume skips them too
-            _write_part(staging / f"part-{part_number:06d}.jsonl", new_rows + lost)
+            try:
+                _write_part(staging / f"part-{part_number:06d}.jsonl", new_rows + lost)
+            except OSError as e:
+                raise RlcdError(
+                    f"{staging}: cannot write part {part_number} ({e.strerror or e}); the parts written before it "
+                    "are intact: make room and re-run with --resume"
+                ) from None
             part_number += 1
             rows.extend(new_rows)
             stats.pairs += len(new_rows)
@@ -303,11 +341,92 @@ def _write_part(path: Path, records: list[dict]) -> None:
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # never leave a half-written file behind
+        raise
+
+
+def _merge_when_all_done(out: Path, result: BuildResult) -> BuildResult:
+    """Under accelerate launch / torchrun: wait for every rank, then rank 0 merges the shards."""
+    from datetime import timedelta
+
+    import torch
+    from accelerate import PartialState
+
+    # Shards finish at different times; the rendezvous must outwait the slowest one.
+    state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(days=7))
+    state.wait_for_everyone()
+    if state.is_main_process:
+        return merge(out)
+    return result
+
+
+def merge(out: str | Path) -> BuildResult:
+    """Assemble the finished shards in ``out`` into the final dataset folder and card.
+
+    Raises:
+        RlcdError: no shards, a shard missing or unfinished, or shards built
+            with different configurations, templates or prompts.
+    """
+    from . import output
+
+    out = Path(out)
+    dirs = sorted((out / STAGING).glob("shard-*-of-*"))
+    if not dirs:
+        raise RlcdError(f"{out}: no shards to merge (no {STAGING}/shard-* folders)")
+    counts = {int(d.name.rsplit("-", 1)[1]) for d in dirs}
+    if len(counts) > 1:
+        raise RlcdError(f"{out}: shards of different --num-shards ({', '.join(map(str, sorted(counts)))}) in one folder")
+    n = counts.pop()
+    records, states = {}, set()
+    for d in dirs:
+        index = int(d.name.split("-")[1])
+        if (d / DONE_FILE).is_file():
+            records[index] = json.loads((d / DONE_FILE).read_text())
+            states.add((d / STATE_FILE).read_text())
+    missing = [i for i in range(n) if i not in records]
+    if missing:
+        raise RlcdError(
+            f"{out}: shard(s) {', '.join(map(str, missing))} of {n} not finished; build them "
+            f"(--num-shards {n} --shard-index I, with --resume if started) and merge again"
+        )
+    if len(states) > 1:
+        raise RlcdError(f"{out}: the shards were built with different configurations, templates or prompts")
+    rows, dropped = [], []
+    for d in dirs:
+        shard_rows, shard_dropped, _ = _read_parts(d)
+        rows += shard_rows
+        dropped += shard_dropped
+    rows.sort(key=lambda r: r["source_index"])
+    first = records[0]
+    config = BuildConfig(
+        **{**first["config"], "output": str(out), "num_shards": None, "shard_index": None, "resume": False,
+           "overwrite": False}
+    )
+    shard_stats = [BuildStats(**r["stats"]) for r in records.values()]
+    stats = BuildStats(
+        prompts_read=shard_stats[0].prompts_read,
+        prompts_dropped_empty=shard_stats[0].prompts_dropped_empty,
+        prompts_dropped_duplicate=shard_stats[0].prompts_dropped_duplicate,
+        prompts_used=sum(s.prompts_used for s in shard_stats),
+        pairs=len(rows),
+        examples_dropped=len(dropped),
+        outputs_retried=sum(s.outputs_retried for s in shard_stats),
+        generated_tokens=sum(s.generated_tokens for s in shard_stats),
+        seconds=max(s.seconds for s in shard_stats),  # the shards ran side by side
+        dropped_source_indices=sorted(dropped),
+    )
+    if not rows:
+        raise RlcdError(f"{out}: no pairs in any shard")
+    task = load_task(config.task, config.templates)
+    splits = output.write_dataset_folder(out, rows, config=config, task=task, stats=stats, model=first["model"])
+    return BuildResult(out, config, stats, splits, first["model"])
 
 
 def _read_parts(staging: Path) -> tuple[list[dict], list[int], int]:

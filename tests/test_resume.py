@@ -76,31 +76,93 @@ def test_resume_needs_an_interrupted_build(tmp_path, fake_generator):
         build(BuildConfig(task="harmless", output=str(tmp_path / "none"), resume=True), generator=fake_generator())
 
 
-def test_kill_9_loses_at_most_the_batch_in_flight(tmp_path, tiny_model_dir, hh_dir, capsys):
+def _args(tiny_model_dir, hh_dir):
+    return ["build", "harmless", "--model", str(tiny_model_dir), "--prompts", str(hh_dir / "harmless-base-prompts.jsonl"),
+            "--limit", "12", "--batch-size", "1", "--max-new-tokens", "40"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_model_dir, hh_dir):
     import datasets
 
-    args = ["build", "harmless", "--model", str(tiny_model_dir), "--prompts", str(hh_dir / "harmless-base-prompts.jsonl"),
-            "--limit", "12", "--batch-size", "1", "--max-new-tokens", "40"]
-    out = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "-m", "rlcd_data", *args, "--output", str(out)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while len(list((out / ".rlcd-build").glob("part-*.jsonl"))) < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    parts = sorted((out / ".rlcd-build").glob("part-*.jsonl"))
-    assert len(parts) >= 2 and not list((out / ".rlcd-build").glob("*.tmp*"))
-    kept = [json.loads(line) for p in parts for line in p.read_text().splitlines()]
-    assert len(kept) >= 2  # the parts written before the kill are whole, valid JSON
+    out = tmp_path_factory.mktemp("whole") / "whole"
+    assert main([*_args(tiny_model_dir, hh_dir), "--output", str(out)]) == 0
+    return datasets.load_dataset(str(out), split="train").to_list()
 
-    assert main([*args, "--output", str(out), "--resume"]) == 0
-    assert main([*args, "--output", str(tmp_path / "whole")]) == 0
-    capsys.readouterr()
+
+def _start_and_stop_after(args, out, parts, sig):
+    """Run a build in a subprocess and send it ``sig`` once ``parts`` part files exist."""
+    process = subprocess.Popen([sys.executable, "-m", "rlcd_data", *args, "--output", str(out)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while len(list((out / ".rlcd-build").glob("part-*.jsonl"))) < parts and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(sig)
+    _, err = process.communicate()
+    return process.returncode, err
+
+
+def _same_as_uninterrupted(out, uninterrupted):
+    import datasets
+
     resumed = datasets.load_dataset(str(out), split="train").to_list()
-    whole = datasets.load_dataset(str(tmp_path / "whole"), split="train").to_list()
     indices = [r["source_index"] for r in resumed]
     assert indices == sorted(set(indices))  # each prompt once, in input order
     # Per-example descriptor draws and sampling seeds: the resumed build equals an uninterrupted one.
     key = lambda r: (r["source_index"], r["descriptor_index"], r["chosen"], r["rejected"])  # noqa: E731
-    assert [key(r) for r in resumed] == [key(r) for r in whole]
+    assert [key(r) for r in resumed] == [key(r) for r in uninterrupted]
+
+
+@pytest.mark.parametrize("parts", [1, 3])
+def test_kill_9_loses_at_most_the_batch_in_flight(tmp_path, tiny_model_dir, hh_dir, uninterrupted, capsys, parts):
+    args = _args(tiny_model_dir, hh_dir)
+    out = tmp_path / "killed"
+    _start_and_stop_after(args, out, parts, signal.SIGKILL)
+    written = sorted((out / ".rlcd-build").glob("part-*.jsonl"))
+    assert len(written) >= parts and not list((out / ".rlcd-build").glob("*.tmp*"))
+    kept = [json.loads(line) for p in written for line in p.read_text().splitlines()]
+    assert len(kept) >= parts  # the parts written before the kill are whole, valid JSON
+    assert main([*args, "--output", str(out), "--resume"]) == 0
+    capsys.readouterr()
+    _same_as_uninterrupted(out, uninterrupted)
+
+
+def test_sigint_keeps_completed_pairs_and_says_how_to_resume(tmp_path, tiny_model_dir, hh_dir, uninterrupted, capsys):
+    args = _args(tiny_model_dir, hh_dir)
+    out = tmp_path / "interrupted"
+    code, err = _start_and_stop_after(args, out, 2, signal.SIGINT)
+    assert code == 130
+    assert "--resume" in err and "Traceback" not in err
+    assert len(list((out / ".rlcd-build").glob("part-*.jsonl"))) >= 2
+    assert main([*args, "--output", str(out), "--resume"]) == 0
+    capsys.readouterr()
+    _same_as_uninterrupted(out, uninterrupted)
+
+
+def test_disk_full_is_a_clear_error_and_earlier_parts_stay_valid(tmp_path, fake_generator, monkeypatch):
+    import errno
+    import os
+
+    import datasets
+
+    from rlcd_data import pipeline
+
+    writes = {"n": 0}
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        writes["n"] += 1
+        if writes["n"] == 4:  # state.json, part 0, part 1, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(pipeline.os, "fsync", fsync)
+    config = dict(task="harmless", prompts=str(prompts_file(tmp_path)), output=str(tmp_path / "out"), batch_size=1)
+    with pytest.raises(RlcdError, match=r"cannot write part 2 \(No space left on device\); the parts written before"):
+        build(BuildConfig(**config), generator=fake_generator(), progress=False)
+    staging = tmp_path / "out" / ".rlcd-build"
+    assert sorted(p.name for p in staging.iterdir()) == ["part-000000.jsonl", "part-000001.jsonl", "state.json"]
+    monkeypatch.setattr(pipeline.os, "fsync", real_fsync)
+    build(BuildConfig(**config, resume=True), generator=fake_generator(), progress=False)
+    rows = datasets.load_dataset(str(tmp_path / "out"), split="train").to_list()
+    assert [r["source_index"] for r in rows] == list(range(6))

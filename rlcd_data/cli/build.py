@@ -47,6 +47,14 @@ def run(args) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     s = result.stats
+    if result.shard is not None:
+        index, count = result.shard
+        print(
+            f"shard {index} of {count}: {s.pairs} pairs in {result.output}/.rlcd-build/ "
+            f"({s.examples_dropped} dropped, {s.seconds:.0f} s); when all {count} shards are done: "
+            f"rlcd-data merge {result.output}"
+        )
+        return 0
     print(
         f"wrote {s.pairs} pairs to {result.output} "
         f"({', '.join(f'{k}: {v}' for k, v in result.splits.items())}); "
