@@ -152,16 +152,16 @@ def test_disk_full_is_a_clear_error_and_earlier_parts_stay_valid(tmp_path, fake_
 
     def fsync(fd):
         writes["n"] += 1
-        if writes["n"] == 4:  # state.json, part 0, part 1, then the disk is full
+        if writes["n"] == 3:  # state.json, part 0 (pairs 0-3), then the disk is full
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_fsync(fd)
 
     monkeypatch.setattr(pipeline.os, "fsync", fsync)
     config = dict(task="harmless", prompts=str(prompts_file(tmp_path)), output=str(tmp_path / "out"), batch_size=1)
-    with pytest.raises(RlcdError, match=r"cannot write part 2 \(No space left on device\); the parts written before"):
+    with pytest.raises(RlcdError, match=r"cannot write part 1 \(No space left on device\); the parts written before"):
         build(BuildConfig(**config), generator=fake_generator(), progress=False)
     staging = tmp_path / "out" / ".rlcd-build"
-    assert sorted(p.name for p in staging.iterdir()) == ["part-000000.jsonl", "part-000001.jsonl", "state.json"]
+    assert sorted(p.name for p in staging.iterdir()) == ["part-000000.jsonl", "state.json"]  # no half-written file
     monkeypatch.setattr(pipeline.os, "fsync", real_fsync)
     build(BuildConfig(**config, resume=True), generator=fake_generator(), progress=False)
     rows = datasets.load_dataset(str(tmp_path / "out"), split="train").to_list()
