@@ -87,8 +87,8 @@ class Task:
         values = {
             **self.variables(prompt_text),
             "instruction": self.instructions[self.instruction_index(descriptor_index)],
-            "response_a": response_a,
-            "response_b": response_b,
+            "response_a": response_a.strip(),
+            "response_b": response_b.strip(),
         }
         try:
             return self.templates["compare"].render(values)
