@@ -275,3 +275,16 @@ def test_not_a_pair_dataset(tmp_path, capsys):
     bad.write_text(json.dumps({"text": "hello"}) + "\n")
     assert main(["train", "reward", "--dataset", str(bad), "--model", "x"]) == 2
     assert "not a pair dataset: no 'chosen' or 'rejected' column (columns: text)" in capsys.readouterr().err
+
+
+def test_lora_reward_model_is_saved_merged(tiny_model_dir, tmp_path):
+    """--use_peft trains LoRA adapters (and the score head) and saves a plain, merged reward model."""
+    from rlcd_data.reward_model import RewardScorer
+
+    out = tmp_path / "rm-lora"
+    args = reward_args(toy_pairs(tmp_path / "p.jsonl", n=16), tiny_model_dir, out, "--num_train_epochs", "1",
+                       "--use_peft", "--lora_r", "4", "--lora_alpha", "8")
+    assert main(args) == 0
+    assert not (out / "adapter_config.json").exists() and (out / "model.safetensors").exists()
+    assert len(RewardScorer.load(out).score(["a", "b c"])) == 2
+    assert "use_peft: true" in (out / "README.md").read_text()

@@ -192,7 +192,14 @@ def train(script: RewardScriptArguments, training, model_args, argv=None, preset
     result = trainer.train()
     seconds = time.perf_counter() - start
     steps = max(result.global_step, 1)
-    trainer.save_model(training.output_dir)
+    model = trainer.model
+    if hasattr(model, "merge_and_unload") and quantization is None:
+        # LoRA: save the merged model, so eval and PPO load a plain reward model
+        model = model.merge_and_unload()
+        model.save_pretrained(training.output_dir)
+        tokenizer.save_pretrained(training.output_dir)
+    else:  # a quantized base keeps its LoRA adapter separate (load it with peft)
+        trainer.save_model(training.output_dir)
 
     history = [h for h in trainer.state.log_history if "loss" in h]
     metrics = {
@@ -209,7 +216,6 @@ def train(script: RewardScriptArguments, training, model_args, argv=None, preset
         from ..evaluate import evaluate_reward_model
         from ..reward_model import RewardScorer
 
-        model = trainer.model.merge_and_unload() if hasattr(trainer.model, "merge_and_unload") else trainer.model
         scorer = RewardScorer(model, tokenizer, max_length=training.max_length or 512)
         report = evaluate_reward_model(scorer, script.eval_pairs, script.eval_split, script.eval_limit)
         metrics.update({f"eval_{k}": v for k, v in report.items()})
