@@ -88,7 +88,7 @@ def resolve_model(name: str) -> ModelSource:
         return ModelSource(name, str(embedded_model_dir()), EMBEDDED_DESCRIPTION)
     path = Path(name).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        if not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
             raise RlcdError(f"{path}: not a model folder (no config.json); save one with save_pretrained()")
         return ModelSource(name, str(path), f"local model folder {path.name}")
     if path.exists():

@@ -57,7 +57,10 @@ class RewardScorer:
         source = resolve_model(str(path))
         try:
             tokenizer = AutoTokenizer.from_pretrained(source.path)
-            model = AutoModelForSequenceClassification.from_pretrained(source.path)
+            # a LoRA adapter folder (quantized-base training) loads onto its base with peft
+            adapter = (Path(source.path) / "adapter_config.json").is_file()
+            extra = {"num_labels": 1} if adapter else {}
+            model = AutoModelForSequenceClassification.from_pretrained(source.path, **extra)
         except OSError as e:
             raise RlcdError(f"cannot load reward model {str(path)!r}: {str(e).splitlines()[0]}") from None
         return cls(model, tokenizer, **kwargs)

@@ -288,3 +288,22 @@ def test_lora_reward_model_is_saved_merged(tiny_model_dir, tmp_path):
     assert not (out / "adapter_config.json").exists() and (out / "model.safetensors").exists()
     assert len(RewardScorer.load(out).score(["a", "b c"])) == 2
     assert "use_peft: true" in (out / "README.md").read_text()
+
+
+def test_8bit_lora_reward_model_trains_on_cpu_and_loads(tiny_model_dir, tmp_path):
+    """--load_in_8bit --use_peft: bitsandbytes 8-bit base on the CPU; the adapter folder loads back for scoring."""
+    import torch
+    from safetensors.torch import load_file
+
+    from rlcd_data.reward_model import RewardScorer
+
+    out = tmp_path / "rm-8bit"
+    args = reward_args(toy_pairs(tmp_path / "p.jsonl", n=8), tiny_model_dir, out, "--max_steps", "2",
+                       "--use_peft", "--load_in_8bit")
+    assert main(args) == 0
+    assert (out / "adapter_config.json").exists()
+    scorer = RewardScorer.load(out)
+    saved = {k: v for k, v in load_file(out / "adapter_model.safetensors").items() if "score" in k}
+    (head,) = saved.values()
+    assert torch.equal(scorer.model.score.weight.float(), head.float())  # the trained head, not a fresh one
+    assert len(scorer.score(["x", "y z"])) == 2

@@ -187,6 +187,11 @@ def train(script: RewardScriptArguments, training, model_args, argv=None, preset
         peft_config=get_peft_config(model_args),
         soft_label_column=script.soft_label_column,
     )
+    if quantization is not None and training.use_cpu:
+        # TRL casts a quantized model's trainable (LoRA, head) weights to bf16 for GPUs; the CPU computes in fp32.
+        for parameter in trainer.model.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.float()
     dropped = len(dataset) - len(trainer.train_dataset)
     start = time.perf_counter()
     result = trainer.train()
