@@ -155,7 +155,6 @@ def build(
         if not hasattr(generator, "model"):
             raise RlcdError(f"--method {method.name} needs a scorer for this generator")
         scorer = TransformersScorer(generator.model, generator.tokenizer, config.batch_size)
-    labeller = {"method": method, "task": task, "scorer": scorer}
 
     stats = BuildStats(
         prompts_read=prompt_set.read,
@@ -175,7 +174,8 @@ def build(
         except OSError as e:
             raise RlcdError(f"{staging}: cannot write ({e.strerror})") from None
     rows = previous_rows + _generate_rows(
-        todo, generator, config, stats, staging, progress, next_part, len(pairs), labeller
+        todo, generator, config, stats, staging, progress, next_part, len(pairs), method=method, task=task,
+        scorer=scorer,
     )
     rows.sort(key=lambda r: r["source_index"])
     stats.dropped_source_indices.sort()
@@ -205,7 +205,10 @@ def _generate_rows(
     progress: bool,
     first_part: int = 0,
     total: int | None = None,
-    labeller: dict | None = None,
+    *,
+    method: Method = METHODS["rlcd"],
+    task: Task | None = None,
+    scorer: Scorer | None = None,
 ) -> list[dict]:
     """Generate every output of every example (both sides of a pair for RLCD), label scored
     methods, and write completed rows to ``staging`` as they finish.
@@ -213,15 +216,14 @@ def _generate_rows(
     Each output may take up to ``1 + max_retries`` attempts; attempt ``a`` of
     an output samples with its own seed, and the output is the first attempt
     (lowest ``a``) that passes post-processing, exactly as a sequential retry
-    loop would give. Pairs are fed in chunks; pending retries ride along with
+    loop would give. Completed pairs are written as soon as half a batch of
+    them is known complete. Pairs are fed in chunks; pending retries ride along with
     the next chunk, and when a call would leave the batch part-empty (the
     tail of a build), later attempts of pending outputs fill the free slots
     instead of waiting for the earlier ones to fail.
     """
     from tqdm.auto import tqdm
 
-    labeller = labeller or {"method": METHODS["rlcd"], "task": None, "scorer": None}
-    method: Method = labeller["method"]
     sides = method.sides
     settings = SamplingSettings(config.max_new_tokens, config.temperature)
     chunk = 4 * config.batch_size  # pairs per generate() call: 8 batches of sequences
@@ -237,29 +239,62 @@ def _generate_rows(
     clock = time.monotonic()
     call: dict = {"requests": [], "outcomes": {}}  # the generate() call under way
     counted: set[int] = set()  # pairs already shown as done on the progress bar
+    ready: list[int] = []  # pairs known complete during a call, not yet written
+    written: set[int] = set()
+    part = {"number": first_part}
+    # Completed pairs are written as soon as this many are ready, not at the end of the call:
+    # a kill loses about one batch of work.
+    flush_at = max(1, config.batch_size // 2)
 
-    def resolved(key: tuple[int, str]) -> bool:
-        """Known to succeed: some attempt passed and every earlier one is known to have failed."""
+    def winning(key: tuple[int, str]) -> str | None:
+        """The output's response once known: the first attempt that passed, every earlier one having failed."""
         if key in responses:
-            return True
+            return responses[key]
         by_attempt, attempt = call["outcomes"].get(key, {}), next_attempt.get(key, 0)
         while attempt in by_attempt and by_attempt[attempt] is None:
             attempt += 1
-        return by_attempt.get(attempt) is not None
+        return by_attempt.get(attempt)
+
+    def write(indices: list[int], lost: list[int]) -> None:
+        new_rows = [
+            base_row(pairs[i], method, {side: winning((i, side)) for side in sides}, generator.count_tokens)
+            for i in indices
+        ]
+        new_rows = label_rows(
+            new_rows, method=method, task=task, scorer=scorer, seed=config.seed, both_orders=config.label_both_orders
+        )
+        records = new_rows + [{"dropped_source_index": k} for k in lost]  # dropped: a resume skips them too
+        if not records:
+            return
+        try:
+            _write_part(staging / f"part-{part['number']:06d}.jsonl", records)
+        except OSError as e:
+            raise RlcdError(
+                f"{staging}: cannot write part {part['number']} ({e.strerror or e}); the parts written before it "
+                "are intact: make room and re-run with --resume"
+            ) from None
+        part["number"] += 1
+        rows.extend(new_rows)
+        written.update(indices)
+        stats.pairs += len(new_rows)
 
     def on_progress(done: list, tokens: int) -> None:
         stats.generated_tokens += tokens
         for index, completion in done:
             key, attempt = call["requests"][index]
             call["outcomes"].setdefault(key, {})[attempt] = extract_response(completion.text, completion.ended)
-            if key[0] not in counted and all(resolved((key[0], side)) for side in sides):
+            if key[0] not in counted and all(winning((key[0], side)) is not None for side in sides):
                 counted.add(key[0])
+                ready.append(key[0])
                 bar.update(1)
+        if len(ready) >= flush_at:
+            write(sorted(ready), [])
+            ready.clear()
         elapsed = max(time.monotonic() - clock, 1e-9)
         bar.set_postfix_str(f"{stats.generated_tokens / elapsed:.0f} tok/s, {stats.outputs_retried} retried")
 
     try:
-        start, part_number = 0, first_part
+        start = 0
         while start < len(pairs) or next_attempt:
             fresh = range(start, min(start + chunk, len(pairs)))
             start = fresh.stop
@@ -291,29 +326,11 @@ def _generate_rows(
                 del next_attempt[key]
             waiting = {i for i, _ in next_attempt}
             finished = sorted({i for i, _ in outcomes} - waiting)
-            new_rows = [
-                base_row(pairs[i], method, {side: responses[i, side] for side in sides}, generator.count_tokens)
-                for i in finished
-                if i not in dropped
-            ]
-            new_rows = label_rows(
-                new_rows, method=method, task=labeller["task"], scorer=labeller["scorer"], seed=config.seed,
-                both_orders=config.label_both_orders,
-            )
             lost = [pairs[i].source_index for i in finished if i in dropped]
             stats.examples_dropped += len(lost)
             stats.dropped_source_indices += lost
-            lost = [{"dropped_source_index": k} for k in lost]  # recorded so a resume skips them too
-            try:
-                _write_part(staging / f"part-{part_number:06d}.jsonl", new_rows + lost)
-            except OSError as e:
-                raise RlcdError(
-                    f"{staging}: cannot write part {part_number} ({e.strerror or e}); the parts written before it "
-                    "are intact: make room and re-run with --resume"
-                ) from None
-            part_number += 1
-            rows.extend(new_rows)
-            stats.pairs += len(new_rows)
+            write([i for i in finished if i not in dropped and i not in written], lost)
+            ready.clear()
             bar.update(len(set(finished) - counted))
             counted.update(finished)
     finally:
