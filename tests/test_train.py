@@ -164,6 +164,10 @@ def test_eval_reward_model_cli_matches_hand_computation(tiny_reward_model, tmp_p
     assert report["pairs"] == 5 and set(report) >= {"accuracy", "mean_chosen_probability", "pairs"}
     assert main(["eval", "reward-model", "--reward-model", str(tiny_reward_model), "--pairs", str(pairs)]) == 0
     assert "agreement" in capsys.readouterr().out
+    # the numbers go into the model's card and record
+    card = (tiny_reward_model / "README.md").read_text()
+    assert f"eval_hh_accuracy: {report['accuracy']:.4f}" in card
+    assert "rlcd-data train reward" in card
 
 
 def test_agreement_and_win_rate_on_fixed_scores():
@@ -209,6 +213,7 @@ def test_ppo_runs_updates_and_eval_policy(tiny_reward_model, tiny_model_dir, tmp
     wins = sum(1.0 if r["policy_reward"] > r["base_reward"] else 0.5 if r["policy_reward"] == r["base_reward"] else 0
                for r in rows)
     assert report["policy_win_rate"] == pytest.approx(wins / 4)
+    assert f"eval_policy_prompts_policy_win_rate: {report['policy_win_rate']:.4f}" in (out / "README.md").read_text()
 
 
 def test_text_reward_cuts_at_human_turn_and_penalises(tiny_reward_model, tiny_model_dir):

@@ -42,6 +42,9 @@ def run(args) -> int:
 
         scorer = RewardScorer.load(args.reward_model, max_length=args.max_length, batch_size=args.batch_size)
         report = evaluate_reward_model(scorer, args.pairs, args.split, args.limit)
+        from ..train.common import record_evaluation
+
+        record_evaluation(args.reward_model, f"eval_{_name(args.pairs)}", report)
         if args.json:
             print(json.dumps(report))
         else:
@@ -59,6 +62,9 @@ def run(args) -> int:
         split=args.split, limit=args.limit, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         batch_size=args.batch_size, seed=args.seed, samples_path=args.samples,
     )
+    from ..train.common import record_evaluation
+
+    record_evaluation(args.policy, f"eval_policy_{_name(args.prompts)}", report)
     if args.json:
         print(json.dumps(report))
     else:
@@ -68,3 +74,13 @@ def run(args) -> int:
             f"{report['policy_mean_tokens']:.0f} vs {report['base_mean_tokens']:.0f} tokens; samples in {args.samples}"
         )
     return 0
+
+
+def _name(source: str) -> str:
+    """A short name for a data source in metric names (file stem or last path part)."""
+    from pathlib import Path
+
+    name = Path(source).name
+    for suffix in (".gz", ".jsonl", ".json", ".parquet", ".csv"):
+        name = name.removesuffix(suffix)
+    return name.replace("-", "_") or "data"

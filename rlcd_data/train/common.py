@@ -21,6 +21,7 @@ from ..errors import RlcdError
 from ..resources import resource_dir
 
 EMBEDDED_ENCODER = "minilm-l6"
+RECORD_FILE = "rlcd_recipe.json"  # next to a trained model: recipe, dataset, settings, metrics
 
 
 def preset_path(name: str) -> Path:
@@ -154,9 +155,10 @@ def write_model_card(
     settings: dict,
     metrics: dict,
     pipeline_tag: str,
-    argv: list[str] | None,
+    argv: list[str] | None = None,
+    command: str | None = None,
 ) -> Path:
-    """Write ``README.md`` for a trained model: its dataset, recipe, settings and metrics."""
+    """Write ``README.md`` for a trained model (its dataset, recipe, settings and metrics) and ``rlcd_recipe.json``."""
     from huggingface_hub import ModelCard, ModelCardData
 
     data = ModelCardData(
@@ -166,7 +168,7 @@ def write_model_card(
         tags=["rlcd-data", "trl", recipe],
         pipeline_tag=pipeline_tag,
     )
-    command = "rlcd-data train " + recipe + " " + shlex.join(argv or [])
+    command = command or ("rlcd-data train " + recipe + " " + shlex.join(argv or [])).strip()
     lines = [
         f"# {Path(output_dir).name}",
         "",
@@ -178,7 +180,7 @@ def write_model_card(
         "## Reproduce",
         "",
         "```bash",
-        command.strip(),
+        command,
         "```",
         "",
         "## Settings (those differing from the defaults)",
@@ -194,11 +196,29 @@ def write_model_card(
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
     path = Path(output_dir) / "README.md"
     card.save(path)
-    (Path(output_dir) / "rlcd_recipe.json").write_text(
-        json.dumps({"recipe": recipe, "base_model": base_model, "dataset": dataset, "settings": settings,
-                    "metrics": metrics, "command": command.strip()}, indent=2, default=str) + "\n"
-    )
+    record = {"recipe": recipe, "base_model": base_model, "dataset": dataset, "settings": settings,
+              "metrics": metrics, "command": command, "pipeline_tag": pipeline_tag}
+    (Path(output_dir) / RECORD_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
     return path
+
+
+def record_evaluation(model_dir: str | Path, prefix: str, report: dict) -> bool:
+    """Add an evaluation's numbers to a model's card and record (models these recipes trained only).
+
+    Returns:
+        whether the model had a record to update.
+    """
+    path = Path(model_dir) / RECORD_FILE
+    if not path.is_file():
+        return False
+    record = json.loads(path.read_text())
+    metrics = {**record["metrics"], **{f"{prefix}_{k}": v for k, v in report.items() if isinstance(v, (int, float))}}
+    write_model_card(
+        model_dir, recipe=record["recipe"], base_model=record["base_model"], dataset=record["dataset"],
+        settings=record["settings"], metrics=metrics, pipeline_tag=record.get("pipeline_tag", "text-generation"),
+        command=record["command"],
+    )
+    return True
 
 
 def _fmt(value) -> str:
