@@ -333,6 +333,10 @@ def _generate_rows(
             ready.clear()
             bar.update(len(set(finished) - counted))
             counted.update(finished)
+    except KeyboardInterrupt:
+        if ready:  # pairs completed in the interrupted call: keep them for --resume
+            write(sorted(ready), [])
+        raise
     finally:
         bar.close()
     return rows

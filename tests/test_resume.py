@@ -166,3 +166,37 @@ def test_disk_full_is_a_clear_error_and_earlier_parts_stay_valid(tmp_path, fake_
     build(BuildConfig(**config, resume=True), generator=fake_generator(), progress=False)
     rows = datasets.load_dataset(str(tmp_path / "out"), split="train").to_list()
     assert [r["source_index"] for r in rows] == list(range(6))
+
+
+class StreamingGenerator:
+    """Reports each output as it finishes (like the real generator) and is interrupted at question 4."""
+
+    description = "streaming fake"
+
+    def generate(self, prompts, seeds, settings, on_progress=None):
+        from rlcd_data.generate import Completion
+
+        out = []
+        for i, prompt in enumerate(prompts):
+            if "Question number 4?" in prompt:
+                raise KeyboardInterrupt
+            out.append(Completion("ok", 1, True))
+            on_progress([(i, out[-1])], 1)
+        return out
+
+    def count_tokens(self, text):
+        return 1
+
+
+def test_an_interrupt_keeps_the_pairs_completed_in_the_call_under_way(tmp_path, fake_generator):
+    """Pairs 0-3 finish inside the interrupted generate() call (fewer than the half batch that triggers a
+    write): the interrupt writes them before stopping, and --resume generates only 4 and 5."""
+    config = dict(task="harmless", prompts=str(prompts_file(tmp_path)), output=str(tmp_path / "out"), batch_size=16)
+    with pytest.raises(KeyboardInterrupt):
+        build(BuildConfig(**config), generator=StreamingGenerator(), progress=False)
+    parts = sorted((tmp_path / "out" / ".rlcd-build").glob("part-*.jsonl"))
+    kept = [json.loads(line)["source_index"] for p in parts for line in p.read_text().splitlines()]
+    assert kept == [0, 1, 2, 3]
+    generator = fake_generator()
+    build(BuildConfig(**config, resume=True), generator=generator, progress=False)
+    assert {p.split("number ")[1][0] for call in generator.requests for p in call} == {"4", "5"}
