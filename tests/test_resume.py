@@ -92,8 +92,11 @@ def uninterrupted(tmp_path_factory, tiny_model_dir, hh_dir):
 
 def _start_and_stop_after(args, out, parts, sig):
     """Run a build in a subprocess and send it ``sig`` once ``parts`` part files exist."""
+    # A shell without job control starts background commands with SIGINT ignored, and Python then
+    # installs no KeyboardInterrupt handler: give the build the default disposition whatever runs the tests.
     process = subprocess.Popen([sys.executable, "-m", "rlcd_data", *args, "--output", str(out)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while len(list((out / ".rlcd-build").glob("part-*.jsonl"))) < parts and time.monotonic() < deadline:
         time.sleep(0.02)
