@@ -42,18 +42,12 @@ def run(args) -> int:
 
         scorer = RewardScorer.load(args.reward_model, max_length=args.max_length, batch_size=args.batch_size)
         report = evaluate_reward_model(scorer, args.pairs, args.split, args.limit)
-        from ..train.common import record_evaluation
-
-        record_evaluation(args.reward_model, f"eval_{_name(args.pairs)}", report)
-        if args.json:
-            print(json.dumps(report))
-        else:
-            print(
-                f"{args.reward_model} on {report['pairs']} pairs of {args.pairs}: "
-                f"agreement {report['accuracy']:.1%} (chosen scored above rejected), "
-                f"mean chosen probability {report['mean_chosen_probability']:.3f}"
-            )
-        return 0
+        return _report(
+            args, args.reward_model, f"eval_{_name(args.pairs)}", report,
+            f"{args.reward_model} on {report['pairs']} pairs of {args.pairs}: "
+            f"agreement {report['accuracy']:.1%} (chosen scored above rejected), "
+            f"mean chosen probability {report['mean_chosen_probability']:.3f}",
+        )
 
     from ..evaluate import evaluate_policy
 
@@ -62,17 +56,20 @@ def run(args) -> int:
         split=args.split, limit=args.limit, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         batch_size=args.batch_size, seed=args.seed, samples_path=args.samples,
     )
+    return _report(
+        args, args.policy, f"eval_policy_{_name(args.prompts)}", report,
+        f"{report['prompts']} prompts: mean reward policy {report['policy_mean_reward']:.3f} vs base "
+        f"{report['base_mean_reward']:.3f}; policy wins {report['policy_win_rate']:.1%}; mean length "
+        f"{report['policy_mean_tokens']:.0f} vs {report['base_mean_tokens']:.0f} tokens; samples in {args.samples}",
+    )
+
+
+def _report(args, model_dir: str, prefix: str, report: dict, summary: str) -> int:
+    """Record the numbers in the evaluated model's card, then print them (one JSON object with --json)."""
     from ..train.common import record_evaluation
 
-    record_evaluation(args.policy, f"eval_policy_{_name(args.prompts)}", report)
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print(
-            f"{report['prompts']} prompts: mean reward policy {report['policy_mean_reward']:.3f} vs base "
-            f"{report['base_mean_reward']:.3f}; policy wins {report['policy_win_rate']:.1%}; mean length "
-            f"{report['policy_mean_tokens']:.0f} vs {report['base_mean_tokens']:.0f} tokens; samples in {args.samples}"
-        )
+    record_evaluation(model_dir, prefix, report)
+    print(json.dumps(report) if args.json else summary)
     return 0
 
 

@@ -109,12 +109,6 @@ def soft_label_loss(chosen, rejected, probability):
     return F.binary_cross_entropy_with_logits(chosen - rejected, probability)
 
 
-def _continue_prompt(row: dict) -> dict:
-    from ..conversation import as_completion
-
-    return {c: as_completion(row["prompt"], row[c]) for c in ("chosen", "rejected")}
-
-
 def make_parser():
     from trl import ModelConfig, RewardConfig, TrlParser
 
@@ -159,7 +153,9 @@ def train(script: RewardScriptArguments, training, model_args, argv=None, preset
     keep = ["prompt", "chosen", "rejected"] + ([script.soft_label_column] if soft else [])
     dataset = dataset.remove_columns([c for c in dataset.column_names if c not in keep])
     if "prompt" in dataset.column_names and isinstance(dataset[0]["prompt"], str):
-        dataset = dataset.map(_continue_prompt)  # "Assistant:" + "Sure" -> "Assistant: Sure"
+        from ..output import to_standard
+
+        dataset = dataset.map(to_standard)  # "Assistant:" + "Sure" -> "Assistant: Sure", as builds write it
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
