@@ -14,6 +14,7 @@ requests share its batch. Results come back in the caller's order.
 
 from __future__ import annotations
 
+import functools
 import random
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -93,8 +94,10 @@ class TransformersGenerator:
     ) -> list[Completion]:
         import torch
 
-        encoded = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        queue = deque(sorted(range(len(prompts)), key=lambda i: -len(encoded[i])))
+        encoded = [tuple(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+        prefixes = _PrefixStore(encoded)
+        # Longest first (an out-of-memory error shows at once), requests sharing a prefix next to each other.
+        queue = deque(sorted(range(len(prompts)), key=lambda i: prefixes.order(encoded[i])))
         results: list[Completion | None] = [None] * len(prompts)
         batch: _Batch | None = None
         refill_below = max(1, int(self.batch_size * (1 - self.refill_at)))
@@ -103,7 +106,7 @@ class TransformersGenerator:
                 active = batch.active if batch else 0
                 if queue and active < self.batch_size and (active == 0 or active <= refill_below):
                     new = [queue.popleft() for _ in range(min(self.batch_size - active, len(queue)))]
-                    batch = self._admit(batch, new, [encoded[i] for i in new], [seeds[i] for i in new])
+                    batch = self._admit(batch, new, [encoded[i] for i in new], [seeds[i] for i in new], prefixes)
                 done = batch.sample(settings, self.tokenizer)
                 for i, completion in done:
                     results[i] = completion
@@ -116,44 +119,223 @@ class TransformersGenerator:
                     batch = None
         return results  # type: ignore[return-value]
 
-    def _admit(self, batch: _Batch | None, rows: list[int], ids: list[list[int]], seeds: list[int]) -> _Batch:
+    def _admit(self, batch: _Batch | None, rows: list[int], ids: list[tuple], seeds: list[int], prefixes) -> _Batch:
         """Prefill new prompts and merge them into the running batch."""
         import torch
-        from transformers import DynamicCache
 
         # Identical prompts (attempts of one output, run side by side) share one prefill.
-        unique = list(dict.fromkeys(map(tuple, ids)))
-        source_row = torch.tensor([unique.index(tuple(x)) for x in ids])
-        ids = [list(x) for x in unique]
-        length = max(map(len, ids))
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (length - len(x)) + x for x in ids])
-        mask = torch.tensor([[0] * (length - len(x)) + [1] * len(x) for x in ids])
-        device = self.model.device
-        out = self.model(
-            input_ids=input_ids.to(device),
-            attention_mask=mask.to(device),
-            position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device),
-            past_key_values=DynamicCache(config=self.model.config),
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        cache = out.past_key_values
-        if len(unique) < len(rows):
-            for layer in cache.layers:
-                layer.batch_select_indices(source_row.to(device))
-        new = _Batch(
-            rows=rows,
-            generated=[[] for _ in rows],
-            generators=[torch.Generator().manual_seed(s) for s in seeds],
-            cache=cache,
-            mask=mask[source_row].to(device),
-            logits=out.logits[:, -1].float()[source_row.to(device)],
-        )
+        unique = list(dict.fromkeys(ids))
+        missing = list(dict.fromkeys(k for k in map(prefixes.key, unique) if k and k not in prefixes.states))
+        prefixes.states.update(zip(missing, self._prefill_prefixes(missing)))
+        parts = [self._prefill(group, prefixes) for group in _prefill_groups(unique, prefixes)]
+        new = parts[0]
+        for part in parts[1:]:
+            new.merge(part)
+        position = {u: r for r, u in enumerate(new.prompts)}
+        source_row = torch.tensor([position[x] for x in ids], device=new.mask.device)
+        new.select(source_row)
+        new.rows = rows
+        new.generated = [[] for _ in rows]
+        new.generators = [torch.Generator().manual_seed(s) for s in seeds]
+        for x in ids:
+            prefixes.admitted(x)
         if batch is None:
             return new
         batch.compact()
         return batch.merge(new)
+
+    def _prefill(self, prompts: list[tuple], prefixes: _PrefixStore) -> _Batch:
+        """One forward over ``prompts``, each row continuing from its shared prefix's cache if it has one.
+
+        A row is laid out as [padding][prefix][padding][rest of the prompt]; the mask hides both paddings.
+        """
+        import torch
+        from transformers import DynamicCache
+
+        shared = [prefixes.states.get(prefixes.key(x)) for x in prompts]
+        lengths = [0 if kv is None else kv[0][0].shape[-2] for kv in shared]
+        rests = [x[n:] for x, n in zip(prompts, lengths)]
+        past, length = max(lengths), max(map(len, rests))
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (length - len(x)) + list(x) for x in rests])
+        mask = torch.tensor([[0] * (past - n) + [1] * n + [0] * (length - len(x)) + [1] * len(x)
+                             for n, x in zip(lengths, rests)])
+        device = self.model.device
+        cache = DynamicCache(config=self.model.config)
+        if past:
+            layers = []
+            for layer in range(len(cache.layers)):
+                keys, values = (
+                    torch.cat([_left_pad(kv[layer][j] if kv else None, past, like=_first(shared)[layer][j])
+                               for kv in shared])
+                    for j in (0, 1)
+                )
+                layers.append(_GrowingLayer(keys, values, spare=length))
+            cache.layers = layers
+        out = self.model(
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, past:].to(device),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache = out.past_key_values
+        if not past:
+            for i, layer in enumerate(cache.layers):
+                cache.layers[i] = _GrowingLayer(layer.keys, layer.values)
+        return _Batch(rows=[], generated=[], generators=[], cache=cache, mask=mask.to(device),
+                      logits=out.logits[:, -1].float(), prompts=list(prompts))
+
+    def _prefill_prefixes(self, todo: list[tuple]) -> list[list[tuple]]:
+        """Key/value states of each prefix, [1, heads, length, dim] per layer, without padding."""
+        import torch
+        from transformers import DynamicCache
+
+        states = []
+        for group in _length_groups(todo, len):
+            length = max(map(len, group))
+            pad = self.tokenizer.pad_token_id
+            input_ids = torch.tensor([[pad] * (length - len(x)) + list(x) for x in group])
+            mask = torch.tensor([[0] * (length - len(x)) + [1] * len(x) for x in group])
+            device = self.model.device
+            out = self.model(
+                input_ids=input_ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device),
+                past_key_values=DynamicCache(config=self.model.config),
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            for r, x in enumerate(group):
+                states.append([(layer.keys[r : r + 1, :, length - len(x) :].clone(),
+                                layer.values[r : r + 1, :, length - len(x) :].clone())
+                               for layer in out.past_key_values.layers])
+        return states
+
+
+# Prompts prefilled in one forward: at most this many tokens including padding.
+PREFILL_TOKENS = 4096
+# A prefix shared by several prompts of one call is prefilled once if it is at least this long.
+MIN_SHARED_PREFIX = 16
+
+
+def _length_groups(items: list, length) -> list[list]:
+    """Consecutive runs of ``items`` (sorted by length, either way) prefilled together: padding stays
+    under a quarter of the tokens and a run under PREFILL_TOKENS."""
+    groups: list[list] = []
+    for x in items:
+        group = groups[-1] if groups else None
+        if group:
+            longest = max(length(x), max(map(length, group)))
+            total = sum(map(length, group)) + length(x)
+            if longest * (len(group) + 1) <= min(PREFILL_TOKENS, 1.25 * total):
+                group.append(x)
+                continue
+        groups.append([x])
+    return groups
+
+
+def _prefill_groups(unique: list[tuple], prefixes: _PrefixStore) -> list[list[tuple]]:
+    return _length_groups(unique, lambda x: len(x) - prefixes.shared_length(x))
+
+
+class _PrefixStore:
+    """Prefixes shared by distinct prompts of one generate() call (the p+ and p- of a pair, up to
+    their descriptors), prefilled once and kept until the last request using them is admitted."""
+
+    def __init__(self, prompts: Sequence[tuple]):
+        ordered = sorted(set(prompts))
+        common = [0] + [_common_length(a, b) for a, b in zip(ordered, ordered[1:])] + [0]
+        self.length: dict[tuple, int] = {}
+        for i, x in enumerate(ordered):
+            n = min(max(common[i], common[i + 1]), len(x) - 1)  # the last token runs per prompt, for its logits
+            self.length[x] = n if n >= MIN_SHARED_PREFIX else 0
+        self.users: dict[tuple, int] = {}  # prefix -> requests still to be admitted
+        self.longest: dict[tuple, int] = {}  # prefix (or unshared prompt) -> its longest prompt
+        for x in prompts:
+            self.users[self.key(x)] = self.users.get(self.key(x), 0) + 1
+            self.longest[self.group(x)] = max(self.longest.get(self.group(x), 0), len(x))
+        self.states: dict[tuple, list] = {}  # prefix -> [(keys, values)] per layer, [1, heads, n, dim]
+
+    def key(self, x: tuple) -> tuple:
+        """The prefix ``x`` shares with other prompts (empty if none)."""
+        return x[: self.length[x]]
+
+    def group(self, x: tuple) -> tuple:
+        return self.key(x) or x
+
+    def shared_length(self, x: tuple) -> int:
+        return self.length[x]
+
+    def order(self, x: tuple) -> tuple:
+        """Queue order: longest first, the prompts of one prefix next to each other."""
+        return (-self.longest[self.group(x)], self.group(x), -len(x))
+
+    def admitted(self, x: tuple) -> None:
+        key = self.key(x)
+        self.users[key] -= 1
+        if key and not self.users[key]:
+            self.states.pop(key, None)
+
+
+def _common_length(a: tuple, b: tuple) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _first(states: list):
+    return next(kv for kv in states if kv is not None)
+
+
+def _left_pad(t, length: int, like):
+    """``t`` ([1, heads, n, dim]) left-padded with zeros to ``length``; None becomes all padding."""
+    import torch.nn.functional as F
+
+    if t is None:
+        return like.new_zeros(*like.shape[:2], length, like.shape[-1])
+    return F.pad(t, (0, 0, length - t.shape[-2], 0))
+
+
+@functools.cache
+def _growing_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        """A cache layer whose keys/values are views of buffers with room at the end: each decoding
+        step writes its token in place instead of copying the whole cache (DynamicLayer concatenates)."""
+
+        def __init__(self, keys, values, spare: int = 64):
+            super().__init__()
+            self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+            self._store(keys, values, spare)
+
+        def _store(self, keys, values, spare: int) -> None:
+            n = keys.shape[-2]
+            self._k = keys.new_empty(*keys.shape[:2], n + spare, keys.shape[-1])
+            self._v = values.new_empty(*values.shape[:2], n + spare, values.shape[-1])
+            self._k[:, :, :n] = keys
+            self._v[:, :, :n] = values
+            self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            n, add = self.keys.shape[-2], key_states.shape[-2]
+            if n + add > self._k.shape[-2]:
+                self._store(self.keys, self.values, add + 64)
+            self._k[:, :, n : n + add] = key_states
+            self._v[:, :, n : n + add] = value_states
+            self.keys, self.values = self._k[:, :, : n + add], self._v[:, :, : n + add]
+            return self.keys, self.values
+
+    return GrowingLayer
+
+
+def _GrowingLayer(keys, values, spare: int = 64):
+    return _growing_layer_class()(keys, values, spare)
 
 
 @dataclass
@@ -169,6 +351,7 @@ class _Batch:
     # Finished rows stay in the tensors (decoded, ignored) until a refill's worth of the batch
     # has finished: removing them copies the whole cache, too costly to do for every row.
     dead: set = field(default_factory=set)
+    prompts: list = field(default_factory=list)  # token ids per row, while prefilling
 
     @property
     def active(self) -> int:
@@ -217,14 +400,17 @@ class _Batch:
             return
         import torch
 
-        index = torch.tensor(keep, device=self.mask.device)
+        self.select(torch.tensor(keep, device=self.mask.device))
+
+    def select(self, index) -> None:
+        """Keep the tensors' rows ``index`` (in that order), then drop the left columns no row uses."""
         self.mask = self.mask[index]
         self.logits = self.logits[index]
         first = int((self.mask.sum(0) > 0).nonzero()[0])
         self.mask = self.mask[:, first:]
-        for layer in self.cache.layers:
-            layer.keys = layer.keys[index, :, first:]
-            layer.values = layer.values[index, :, first:]
+        layers = self.cache.layers
+        for i, layer in enumerate(layers):  # one layer at a time: at most one layer is held twice
+            layers[i] = _GrowingLayer(layer.keys[index, :, first:], layer.values[index, :, first:])
 
     def forward(self, model) -> None:
         """Feed each row's last token; update the cache and the next-token logits."""
@@ -253,12 +439,14 @@ class _Batch:
             missing = length - t.shape[-dim_from_end]
             return t if missing == 0 else F.pad(t, (0, 0) * (dim_from_end - 1) + (missing, 0))
 
-        for mine, theirs in zip(self.cache.layers, other.cache.layers):
-            mine.keys = torch.cat([left_pad(mine.keys, 2), left_pad(theirs.keys, 2)])
-            mine.values = torch.cat([left_pad(mine.values, 2), left_pad(theirs.values, 2)])
+        layers = self.cache.layers
+        for i, (mine, theirs) in enumerate(zip(layers, other.cache.layers)):
+            layers[i] = _GrowingLayer(torch.cat([left_pad(mine.keys, 2), left_pad(theirs.keys, 2)]),
+                                      torch.cat([left_pad(mine.values, 2), left_pad(theirs.values, 2)]))
         self.mask = torch.cat([left_pad(self.mask, 1), left_pad(other.mask, 1)])
         self.logits = torch.cat([self.logits, other.logits])
         self.rows += other.rows
         self.generated += other.generated
         self.generators += other.generators
+        self.prompts += other.prompts
         return self

@@ -45,6 +45,34 @@ def test_output_depends_on_seed_not_on_batch_or_order(tiny):
     assert other_seed != alone
 
 
+CONTEXT = "\n\nHuman: My neighbour keeps parking in front of my garage and I cannot get my car out. What should I do?"
+SHARED = [  # p+/p- style: a long common prefix, then different final tags (and one unrelated prompt)
+    CONTEXT + "\n\nAssistant (harmless response):",
+    CONTEXT + "\n\nAssistant (harmful response):",
+    CONTEXT + "\n\nAssistant (harmful response):",  # a second attempt of the same output
+    "\n\nHuman: Count to three.\n\nAssistant:",
+]
+
+
+def test_shared_prefix_is_prefilled_once_and_changes_no_output(tiny, monkeypatch):
+    model, tokenizer = tiny
+    settings = SamplingSettings(max_new_tokens=20)
+    seeds = [request_seed("shared", i) for i in range(len(SHARED))]
+    alone = [TransformersGenerator(model, tokenizer, batch_size=1).generate([p], [s], settings)[0]
+             for p, s in zip(SHARED, seeds)]
+    prefilled = []
+    original = TransformersGenerator._prefill_prefixes
+    monkeypatch.setattr(TransformersGenerator, "_prefill_prefixes",
+                        lambda self, todo: prefilled.extend(todo) or original(self, todo))
+    for batch_size in (4, 2):  # all admitted at once; or the prefix kept for a later refill
+        prefilled.clear()
+        assert TransformersGenerator(model, tokenizer, batch_size=batch_size).generate(SHARED, seeds, settings) == alone
+        common = tokenizer(CONTEXT + "\n\nAssistant (harm", add_special_tokens=False)["input_ids"]
+        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in SHARED[:2]]
+        assert len(prefilled) == 1 and ids[0][: len(prefilled[0])] == ids[1][: len(prefilled[0])] == list(prefilled[0])
+        assert len(prefilled[0]) >= len(common) - 2  # the whole common context, up to the descriptor
+
+
 def test_sequences_stop_at_eos_or_limit_and_progress_counts_tokens(tiny):
     model, tokenizer = tiny
     seen = []
