@@ -1,15 +1,22 @@
 """Sampling from a causal LM with a continuously refilled batch.
 
-Requests are sorted by prompt length (longest first, so an out-of-memory
-error shows at once) and decoded in one batch where each sequence finishes at
-its own stop: end-of-sequence, the start of the next ``Human`` turn, or the
-token limit. Once ``refill_at`` of the batch (a quarter) has finished, those rows are removed
-and the freed slots refilled from the queue: new prompts are prefilled
-together (identical prompts once) and their key/value cache is merged into
-the running batch (left-padded to a common length), so the batch stays full
-instead of waiting for its longest sequence. Every request samples with its
-own random generator, so its output depends on its seed, not on which
-requests share its batch. Results come back in the caller's order.
+Requests are queued longest first (an out-of-memory error shows at once),
+requests that share a prefix next to each other, and decoded in one batch
+where each sequence finishes at its own stop: end-of-sequence, the start of
+the next ``Human`` turn, or the token limit. Once ``refill_at`` of the batch
+(a quarter) has finished, those rows are removed and the freed slots refilled
+from the queue, so the batch stays full instead of waiting for its longest
+sequence. Requests the caller adds while the call runs (retries of failed
+outputs) join the same queue.
+
+Prefill does no repeated work: identical prompts are prefilled once; a prefix
+that several prompts of the call share (p+ and p- are identical up to their
+first descriptor) is prefilled once and each prompt runs only its own rest;
+prompts are prefilled in groups of similar length, so padding stays small.
+The key/value cache grows in place (a buffer with room at the end) instead of
+being copied at every step. Every request samples with its own random
+generator, so its output depends on its seed, not on which requests share its
+batch. Results come back in the caller's order.
 """
 
 from __future__ import annotations
@@ -41,8 +48,10 @@ class Completion:
 
 
 # Called after each decoding step with the requests finished in it, as (index into the
-# caller's prompts, Completion), and the number of new tokens generated in it.
-ProgressCallback = Callable[[list[tuple[int, "Completion"]], int], None]
+# caller's prompts, Completion), and the number of new tokens generated in it. It may return
+# more requests, (prompt, seed) pairs (e.g. the retry of a failed output), which the call runs
+# too: they take the next indices, and their completions are appended to the call's result.
+ProgressCallback = Callable[[list[tuple[int, "Completion"]], int], "Sequence[tuple[str, int]] | None"]
 
 
 def request_seed(*parts: object) -> int:
@@ -95,6 +104,7 @@ class TransformersGenerator:
         import torch
 
         encoded = [tuple(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+        seeds = list(seeds)
         prefixes = _PrefixStore(encoded)
         # Longest first (an out-of-memory error shows at once), requests sharing a prefix next to each other.
         queue = deque(sorted(range(len(prompts)), key=lambda i: prefixes.order(encoded[i])))
@@ -110,8 +120,13 @@ class TransformersGenerator:
                 done = batch.sample(settings, self.tokenizer)
                 for i, completion in done:
                     results[i] = completion
-                if on_progress:
-                    on_progress(done, batch.active)  # one new token per live row
+                more = on_progress(done, batch.active) if on_progress else None  # one new token per live row
+                for prompt, seed in more or ():
+                    encoded.append(tuple(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]))
+                    seeds.append(seed)
+                    results.append(None)
+                    prefixes.add(encoded[-1])
+                    queue.append(len(encoded) - 1)
                 batch.finish({i for i, _ in done}, self.refill_at)
                 if batch.active:
                     batch.forward(self.model)
@@ -257,6 +272,11 @@ class _PrefixStore:
             self.users[self.key(x)] = self.users.get(self.key(x), 0) + 1
             self.longest[self.group(x)] = max(self.longest.get(self.group(x), 0), len(x))
         self.states: dict[tuple, list] = {}  # prefix -> [(keys, values)] per layer, [1, heads, n, dim]
+
+    def add(self, x: tuple) -> None:
+        """A request added during the call: it shares the prefix of an identical earlier prompt, if any."""
+        self.length.setdefault(x, 0)
+        self.users[self.key(x)] = self.users.get(self.key(x), 0) + 1
 
     def key(self, x: tuple) -> tuple:
         """The prefix ``x`` shares with other prompts (empty if none)."""

@@ -237,7 +237,7 @@ def _generate_rows(
         desc=f"{method.name} {config.task}",
     )
     clock = time.monotonic()
-    call: dict = {"requests": [], "outcomes": {}}  # the generate() call under way
+    call: dict = {"requests": [], "outcomes": {}, "pending": {}, "retried": 0}  # the generate() call under way
     counted: set[int] = set()  # pairs already shown as done on the progress bar
     ready: list[int] = []  # pairs known complete during a call, not yet written
     written: set[int] = set()
@@ -278,11 +278,28 @@ def _generate_rows(
         written.update(indices)
         stats.pairs += len(new_rows)
 
-    def on_progress(done: list, tokens: int) -> None:
+    def request(key: tuple[int, str], attempt: int) -> tuple[str, int]:
+        """The prompt and sampling seed of one attempt at one output."""
+        i, side = key
+        return (method.request_text(pairs[i], side),
+                request_seed(config.seed, "sample", pairs[i].source_index, SEED_SIDE.get(side, side), attempt))
+
+    def on_progress(done: list, tokens: int) -> list[tuple[str, int]]:
         stats.generated_tokens += tokens
+        retries = []
         for index, completion in done:
             key, attempt = call["requests"][index]
-            call["outcomes"].setdefault(key, {})[attempt] = extract_response(completion.text, completion.ended)
+            outcome = extract_response(completion.text, completion.ended)
+            call["outcomes"].setdefault(key, {})[attempt] = outcome
+            pending = call["pending"][key]
+            pending.discard(attempt)
+            # A failed output whose attempts in this call have all failed: its next attempt joins this call.
+            if outcome is None and not pending and all(o is None for o in call["outcomes"][key].values()):
+                following = max(call["outcomes"][key]) + 1
+                if following <= config.max_retries:
+                    pending.add(following)
+                    call["requests"].append((key, following))
+                    retries.append(request(key, following))
             if key[0] not in counted and all(winning((key[0], side)) is not None for side in sides):
                 counted.add(key[0])
                 ready.append(key[0])
@@ -291,7 +308,10 @@ def _generate_rows(
             write(sorted(ready), [])
             ready.clear()
         elapsed = max(time.monotonic() - clock, 1e-9)
-        bar.set_postfix_str(f"{stats.generated_tokens / elapsed:.0f} tok/s, {stats.outputs_retried} retried")
+        call["retried"] += len(retries)
+        retried = stats.outputs_retried + call["retried"]
+        bar.set_postfix_str(f"{stats.generated_tokens / elapsed:.0f} tok/s, {retried} retried")
+        return retries
 
     try:
         start = 0
@@ -300,15 +320,16 @@ def _generate_rows(
             start = fresh.stop
             next_attempt.update({(i, side): 0 for i in fresh for side in sides})
             requests = _schedule(next_attempt, config.batch_size, config.max_retries)
-            texts = [method.request_text(pairs[i], side) for (i, side), _ in requests]
-            seeds = [
-                request_seed(config.seed, "sample", pairs[i].source_index, SEED_SIDE.get(side, side), a)
-                for (i, side), a in requests
-            ]
-            call.update(requests=requests, outcomes={})
-            completions = generator.generate(texts, seeds, settings, on_progress)
+            texts, seeds = zip(*(request(key, a) for key, a in requests))
+            pending: dict = {}
+            for key, a in requests:
+                pending.setdefault(key, set()).add(a)
+            call.update(requests=requests, outcomes={}, pending=pending, retried=0)
+            completions = generator.generate(list(texts), list(seeds), settings, on_progress)
             outcomes: dict[tuple[int, str], dict[int, str | None]] = call["outcomes"]
-            for (key, attempt), completion in zip(requests, completions):
+            # call["requests"] now also holds the retries added during the call (a generator that
+            # does not run them returns fewer completions: they are scheduled again below).
+            for (key, attempt), completion in zip(call["requests"], completions):
                 if attempt not in outcomes.get(key, {}):  # a generator that reported no progress
                     outcomes.setdefault(key, {})[attempt] = extract_response(completion.text, completion.ended)
             for key, by_attempt in outcomes.items():

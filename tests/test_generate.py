@@ -135,3 +135,21 @@ def test_bitsandbytes_quantization_generates_on_cpu(tiny_model_dir, quantization
         PROMPTS[:3], [1, 2, 3], SamplingSettings(max_new_tokens=8)
     )
     assert len(completions) == 3 and all(1 <= c.num_tokens <= 8 for c in completions)
+
+
+def test_requests_added_during_a_call_run_in_it(tiny):
+    """What the progress callback returns (a retry) joins the call; its output is the one it gets alone."""
+    model, tokenizer = tiny
+    settings = SamplingSettings(max_new_tokens=10)
+    extra = (SHARED[1], request_seed("extra"))
+    added = []
+
+    def on_progress(done, tokens):
+        if done and not added:
+            added.append(done[0][0])
+            return [extra]
+        return None
+
+    out = TransformersGenerator(model, tokenizer, batch_size=2).generate(SHARED[:2], [1, 2], settings, on_progress)
+    alone = TransformersGenerator(model, tokenizer, batch_size=1).generate([extra[0]], [extra[1]], settings)
+    assert len(out) == 3 and out[2] == alone[0]

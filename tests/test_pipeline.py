@@ -43,9 +43,31 @@ def test_rows_keep_p_plus_and_p_minus_aligned(tmp_path, fake_generator):
         assert row["chosen_tokens"] == len(row["chosen"].split())
 
 
-@pytest.mark.parametrize("batch_size, calls", [(1, 8 + 10), (32, 8 * 4)])
-def test_failed_outputs_are_retried_then_dropped(tmp_path, fake_generator, batch_size, calls):
-    """With free batch slots later attempts run alongside earlier ones; the outcome is the sequential one."""
+def queue_generator(fake_generator):
+    """Runs requests one by one and, like the real generator, also runs those its progress callback adds."""
+
+    class QueueGenerator(fake_generator):
+        def generate(self, prompts, seeds, settings, on_progress=None):
+            from rlcd_data.generate import Completion
+
+            queue, out = list(zip(prompts, seeds)), []
+            self.requests.append(list(prompts))
+            while len(out) < len(queue):
+                prompt = queue[len(out)][0]
+                n = self.calls.get(prompt, 0)
+                self.calls[prompt] = n + 1
+                text, ended = self.respond(prompt, n)
+                out.append(Completion(text, len(text.split()), ended))
+                queue += on_progress([(len(out) - 1, out[-1])], out[-1].num_tokens) or []
+            return out
+
+    return QueueGenerator
+
+
+@pytest.mark.parametrize("batch_size, calls, streaming", [(1, 8 + 10, False), (32, 8 * 4, False), (1, 8 + 10, True)])
+def test_failed_outputs_are_retried_then_dropped(tmp_path, fake_generator, batch_size, calls, streaming):
+    """With free batch slots later attempts run alongside earlier ones; a generator that takes requests
+    during a call runs each retry in the same call; the outcome is always the sequential one."""
 
     def respond(prompt, n):
         if "Question number 1?" in prompt:
@@ -54,12 +76,13 @@ def test_failed_outputs_are_retried_then_dropped(tmp_path, fake_generator, batch
             return "", True  # empty on attempts 0 and 1, fine on attempt 2
         return f"fine {n}", True
 
-    generator = fake_generator(respond)
+    generator = (queue_generator(fake_generator) if streaming else fake_generator)(respond)
     config = BuildConfig(
         task="harmless", prompts=str(prompts_file(tmp_path, 4)), output=str(tmp_path / "out"),
         max_retries=3, batch_size=batch_size,
     )
     result = build(config, generator=generator, progress=False)
+    assert len(generator.requests) == (1 if streaming or batch_size == 32 else 4)  # generate() calls
     assert result.stats.pairs == 3 and result.stats.examples_dropped == 1
     assert result.stats.dropped_source_indices == [1]
     # question 1: both sides retried 3 times; question 2: both sides retried twice.

@@ -216,6 +216,30 @@ def test_ppo_runs_updates_and_eval_policy(tiny_reward_model, tiny_model_dir, tmp
     assert f"eval_policy_prompts_policy_win_rate: {report['policy_win_rate']:.4f}" in (out / "README.md").read_text()
 
 
+def test_ppo_grid_runs_each_kl_with_checkpoints(tiny_reward_model, tiny_model_dir, tmp_path, capsys):
+    """--grid: one run per KL coefficient into OUTPUT_DIR/kl-<coef>, a checkpoint every --save_steps updates."""
+    from safetensors.torch import load_file
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say {i}."}) + "\n" for i in range(4)))
+    out = tmp_path / "grid"
+    args = ["train", "ppo", "--reward_model", str(tiny_reward_model), "--policy", str(tiny_model_dir),
+            "--prompts", str(prompts), "--output_dir", str(out), "--preset", "ppo-cpu",
+            "--per_device_train_batch_size", "2", "--local_rollout_forward_batch_size", "2",
+            "--response_length", "8", "--steps", "2", "--learning_rate", "1e-2", "--disable_tqdm", "true",
+            "--grid", "--kl_grid", "0.001,0.032", "--save_strategy", "steps", "--save_steps", "1"]
+    assert main(args) == 0
+    runs = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()[-2:]]
+    assert [r["kl_coef"] for r in runs] == [0.001, 0.032] and all(r["ppo_updates"] == 2 for r in runs)
+    for kl in ("0.001", "0.032"):
+        run = out / f"kl-{kl}"
+        assert (run / "model.safetensors").exists() and f"kl_coef: {kl}" in (run / "README.md").read_text()
+        assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    name = "model.layers.1.mlp.down_proj.weight"
+    low, high = (load_file(out / f"kl-{kl}" / "model.safetensors")[name] for kl in ("0.001", "0.032"))
+    assert not (low == high).all()  # the KL penalty changed the updates
+
+
 def test_text_reward_cuts_at_human_turn_and_penalises(tiny_reward_model, tiny_model_dir):
     """The PPO reward reads decoded text: cut at the next Human turn; an unfinished response gets the penalty."""
     import torch
@@ -295,18 +319,23 @@ def test_lora_reward_model_is_saved_merged(tiny_model_dir, tmp_path):
     assert "use_peft: true" in (out / "README.md").read_text()
 
 
-def test_8bit_lora_reward_model_trains_on_cpu_and_loads(tiny_model_dir, tmp_path):
-    """--load_in_8bit --use_peft: bitsandbytes 8-bit base on the CPU; the adapter folder loads back for scoring."""
+@pytest.mark.parametrize("bits, layer", [("8", "Linear8bitLt"), ("4", "Linear4bit")])
+def test_quantized_lora_reward_model_trains_on_cpu_and_loads(tiny_model_dir, tmp_path, bits, layer):
+    """--load_in_8bit/--load_in_4bit --use_peft: bitsandbytes base on the CPU; the adapter folder loads back for scoring."""
     import torch
     from safetensors.torch import load_file
 
     from rlcd_data.reward_model import RewardScorer
 
-    out = tmp_path / "rm-8bit"
+    out = tmp_path / f"rm-{bits}bit"
     args = reward_args(toy_pairs(tmp_path / "p.jsonl", n=8), tiny_model_dir, out, "--max_steps", "2",
-                       "--use_peft", "--load_in_8bit")
+                       "--use_peft", f"--load_in_{bits}bit")
     assert main(args) == 0
     assert (out / "adapter_config.json").exists()
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] and f"load_in_{bits}bit: true" in (out / "README.md").read_text()
+    lora = {k: v for k, v in load_file(out / "adapter_model.safetensors").items() if "lora_B" in k}
+    assert lora and any(v.abs().sum() > 0 for v in lora.values())  # B starts at zero: training moved it
     scorer = RewardScorer.load(out)
     saved = {k: v for k, v in load_file(out / "adapter_model.safetensors").items() if "score" in k}
     (head,) = saved.values()

@@ -10,7 +10,7 @@ for a SmolLM2 policy): responses are decoded to text and scored as text.
     rlcd-data train ppo --reward_model out/rm --policy smollm2-135m-instruct \\
         --prompts ../hh/harmless-base-prompts.jsonl --output_dir out/ppo
 
-``--grid`` runs the paper's KL grid (0.001 ... 0.032), one run per KL
+``--grid`` runs the paper's KL grid (0.001 ... 0.032; ``--kl_grid`` to change it), one run per KL
 coefficient, each saving a checkpoint every ``--save_steps`` PPO updates, so
 the step grid (20 ... 80) comes from the checkpoints of the same runs.
 """
@@ -51,7 +51,11 @@ class PPOScriptArguments:
     reward_max_length: int = field(default=512, metadata={"help": "Tokens of prompt + response the reward model sees."})
     grid: bool = field(
         default=False,
-        metadata={"help": f"Run once per KL coefficient of the paper's grid {KL_GRID} into OUTPUT_DIR/kl-<coef>."},
+        metadata={"help": "Run once per KL coefficient of --kl_grid into OUTPUT_DIR/kl-<coef>."},
+    )
+    kl_grid: str = field(
+        default=",".join(map(str, KL_GRID)),
+        metadata={"help": "KL coefficients --grid runs, comma-separated (default: the paper's grid)."},
     )
 
 
@@ -80,9 +84,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     (script, config, model_args), preset = common.parse(parser, argv, default_preset=default_preset())
     if not script.grid:
         return [train(script, config, model_args, argv=argv, preset=preset)]
+    try:
+        grid = [float(x) for x in script.kl_grid.split(",")]
+    except ValueError:
+        raise RlcdError(f"train ppo: --kl_grid {script.kl_grid!r} is not a comma-separated list of numbers") from None
     results = []
     root = Path(config.output_dir)
-    for kl in KL_GRID:
+    for kl in grid:
         run = dataclasses_replace(config, kl_coef=kl, output_dir=str(root / f"kl-{kl:g}"))
         results.append(train(script, run, model_args, argv=argv, preset=preset))
     return results
