@@ -136,7 +136,7 @@ def child(args) -> None:
 
 def spawn(args, which: str) -> dict:
     cmd = [sys.executable, __file__, "--child", which] + [
-        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("child", "runs")
+        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("child", "runs", "only") and v is not None
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
@@ -151,6 +151,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--hh", default=str(HH_PROMPTS))
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--only", choices=["a", "b"], help="run one generator (no ratio)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -159,9 +160,9 @@ def main() -> None:
     limit = spawn(args, "ceiling")
     print(f"ceiling: {limit['matmul_gflops']:.1f} GFLOP/s matmul / {limit['flops_per_token'] / 1e6:.0f} MFLOP per token"
           f" = {limit['ceiling_tokens_per_s']:.0f} tokens/s")
-    runs = {"a": [], "b": []}
+    runs = {w: [] for w in ("a", "b") if args.only in (None, w)}
     for run in range(args.runs):
-        for which in ("a", "b"):
+        for which in runs:
             r = spawn(args, which)
             runs[which].append(r)
             print(f"run {run + 1} ({which}): {r['pairs']} pairs in {r['seconds']:.0f} s = {r['pairs'] / r['seconds']:.3f} pairs/s, "
@@ -169,7 +170,9 @@ def main() -> None:
                   f"({r['generated_tokens'] / r['seconds']:.0f} tok/s, {100 * r['generated_tokens'] / r['seconds'] / limit['ceiling_tokens_per_s']:.0f}% of ceiling), "
                   f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
     med = {w: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for w, rs in runs.items()}
-    pps = {w: m["pairs"] / m["seconds"] for w, m in med.items()}
+    pps = {w: statistics.median(r["pairs"] / r["seconds"] for r in rs) for w, rs in runs.items()}
+    if len(runs) == 1:
+        return
     print(f"median pairs/s: (a) {pps['a']:.3f}, (b) {pps['b']:.3f}, ratio (b)/(a) = {pps['b'] / pps['a']:.2f}; "
           f"peak RSS ratio (b)/(a) = {med['b']['peak_rss_mb'] / med['a']['peak_rss_mb']:.2f}")
 

@@ -217,16 +217,17 @@ def _generate_rows(
     an output samples with its own seed, and the output is the first attempt
     (lowest ``a``) that passes post-processing, exactly as a sequential retry
     loop would give. Completed pairs are written as soon as half a batch of
-    them is known complete. Pairs are fed in chunks; pending retries ride along with
-    the next chunk, and when a call would leave the batch part-empty (the
-    tail of a build), later attempts of pending outputs fill the free slots
-    instead of waiting for the earlier ones to fail.
+    them is known complete. Pairs are fed in large chunks (a generate() call's batch only
+    drains at its end); a failed output's next attempt joins the call under way (or, with a
+    generator that cannot take requests during a call, the next call). When fewer requests
+    than a batch are left (the tail of a call), later attempts of pending outputs fill the
+    free slots instead of waiting for the earlier ones to fail.
     """
     from tqdm.auto import tqdm
 
     sides = method.sides
     settings = SamplingSettings(config.max_new_tokens, config.temperature)
-    chunk = 4 * config.batch_size  # pairs per generate() call: 8 batches of sequences
+    chunk = 64 * config.batch_size  # pairs per generate() call
     responses: dict[tuple[int, str], str] = {}
     next_attempt: dict[tuple[int, str], int] = {}  # outputs still pending -> first attempt not yet tried
     dropped: set[int] = set()
@@ -284,6 +285,15 @@ def _generate_rows(
         return (method.request_text(pairs[i], side),
                 request_seed(config.seed, "sample", pairs[i].source_index, SEED_SIDE.get(side, side), attempt))
 
+    def schedule(key: tuple[int, str]) -> list[tuple[str, int]]:
+        """Add the output's next attempt to the call under way (none after its last)."""
+        following = max(call["pending"][key] | call["outcomes"].get(key, {}).keys()) + 1
+        if following > config.max_retries:
+            return []
+        call["pending"][key].add(following)
+        call["requests"].append((key, following))
+        return [request(key, following)]
+
     def on_progress(done: list, tokens: int) -> list[tuple[str, int]]:
         stats.generated_tokens += tokens
         retries = []
@@ -295,15 +305,19 @@ def _generate_rows(
             pending.discard(attempt)
             # A failed output whose attempts in this call have all failed: its next attempt joins this call.
             if outcome is None and not pending and all(o is None for o in call["outcomes"][key].values()):
-                following = max(call["outcomes"][key]) + 1
-                if following <= config.max_retries:
-                    pending.add(following)
-                    call["requests"].append((key, following))
-                    retries.append(request(key, following))
+                retries += schedule(key)
             if key[0] not in counted and all(winning((key[0], side)) is not None for side in sides):
                 counted.add(key[0])
                 ready.append(key[0])
                 bar.update(1)
+        # The tail of the call: fill the batch with later attempts of outputs still pending.
+        unresolved = [k for k, p in call["pending"].items()
+                      if p and all(o is None for o in call["outcomes"].get(k, {}).values())]
+        while unresolved and sum(map(len, call["pending"].values())) < config.batch_size:
+            more = [r for key in unresolved for r in schedule(key)]
+            if not more:
+                break
+            retries += more
         if len(ready) >= flush_at:
             write(sorted(ready), [])
             ready.clear()

@@ -64,7 +64,10 @@ def queue_generator(fake_generator):
     return QueueGenerator
 
 
-@pytest.mark.parametrize("batch_size, calls, streaming", [(1, 8 + 10, False), (32, 8 * 4, False), (1, 8 + 10, True)])
+@pytest.mark.parametrize(
+    "batch_size, calls, streaming",
+    [(1, 8 + 10, False), (32, 8 * 4, False), (1, 8 + 10, True), (4, None, True)],  # None: tail attempts run early
+)
 def test_failed_outputs_are_retried_then_dropped(tmp_path, fake_generator, batch_size, calls, streaming):
     """With free batch slots later attempts run alongside earlier ones; a generator that takes requests
     during a call runs each retry in the same call; the outcome is always the sequential one."""
@@ -87,7 +90,7 @@ def test_failed_outputs_are_retried_then_dropped(tmp_path, fake_generator, batch
     assert result.stats.dropped_source_indices == [1]
     # question 1: both sides retried 3 times; question 2: both sides retried twice.
     assert result.stats.outputs_retried == 2 * 3 + 2 * 2
-    assert sum(generator.calls.values()) == calls
+    assert sum(generator.calls.values()) == calls if calls else 8 + 10 <= sum(generator.calls.values()) <= 8 * 4
     import datasets
 
     rows = datasets.load_dataset(str(tmp_path / "out"), split="train").to_list()
@@ -183,7 +186,7 @@ def test_interrupted_build_keeps_completed_pairs(tmp_path, fake_generator):
     out = tmp_path / "out"
     config = BuildConfig(task="harmless", prompts=str(prompts_file(tmp_path, 6)), output=str(out), batch_size=1)
     with pytest.raises(KeyboardInterrupt):
-        build(config, generator=fake_generator(respond), progress=False)
+        build(config, generator=queue_generator(fake_generator)(respond), progress=False)
     parts = sorted((out / ".rlcd-build").glob("part-*.jsonl"))
     saved = [json.loads(line) for part in parts for line in part.read_text().splitlines()]
     assert [r["source_index"] for r in saved] == [0, 1, 2, 3]
