@@ -141,7 +141,7 @@ class TransformersGenerator:
         # Identical prompts (attempts of one output, run side by side) share one prefill.
         unique = list(dict.fromkeys(ids))
         missing = list(dict.fromkeys(k for k in map(prefixes.key, unique) if k and k not in prefixes.states))
-        prefixes.states.update(zip(missing, self._prefill_prefixes(missing)))
+        prefixes.states.update(self._prefill_prefixes(missing))
         parts = [self._prefill(group, prefixes) for group in _prefill_groups(unique, prefixes)]
         new = parts[0]
         for part in parts[1:]:
@@ -202,13 +202,13 @@ class TransformersGenerator:
         return _Batch(rows=[], generated=[], generators=[], cache=cache, mask=mask.to(device),
                       logits=out.logits[:, -1].float(), prompts=list(prompts))
 
-    def _prefill_prefixes(self, todo: list[tuple]) -> list[list[tuple]]:
+    def _prefill_prefixes(self, todo: list[tuple]) -> dict[tuple, list[tuple]]:
         """Key/value states of each prefix, [1, heads, length, dim] per layer, without padding."""
         import torch
         from transformers import DynamicCache
 
-        states = []
-        for group in _length_groups(todo, len):
+        states = {}
+        for group in _length_groups(sorted(todo, key=len, reverse=True), len):
             length = max(map(len, group))
             pad = self.tokenizer.pad_token_id
             input_ids = torch.tensor([[pad] * (length - len(x)) + list(x) for x in group])
@@ -223,9 +223,9 @@ class TransformersGenerator:
                 logits_to_keep=1,
             )
             for r, x in enumerate(group):
-                states.append([(layer.keys[r : r + 1, :, length - len(x) :].clone(),
-                                layer.values[r : r + 1, :, length - len(x) :].clone())
-                               for layer in out.past_key_values.layers])
+                start = length - len(x)
+                states[x] = [(layer.keys[r : r + 1, :, start:].clone(), layer.values[r : r + 1, :, start:].clone())
+                             for layer in out.past_key_values.layers]
         return states
 
 
@@ -252,7 +252,11 @@ def _length_groups(items: list, length) -> list[list]:
 
 
 def _prefill_groups(unique: list[tuple], prefixes: _PrefixStore) -> list[list[tuple]]:
-    return _length_groups(unique, lambda x: len(x) - prefixes.shared_length(x))
+    """Groups of prompts prefilled together, by the length each runs after its shared prefix."""
+    def rest(x: tuple) -> int:
+        return len(x) - prefixes.shared_length(x)
+
+    return _length_groups(sorted(unique, key=rest, reverse=True), rest)
 
 
 class _PrefixStore:
