@@ -67,9 +67,34 @@ class FakeGenerator:
         return len(text.split())
 
 
+class QueueGenerator(FakeGenerator):
+    """Reports each request as it finishes and, like the real generator, also runs the requests (retries)
+    its progress callback adds during the call."""
+
+    def generate(self, prompts, seeds, settings, on_progress=None):
+        from rlcd_data.generate import Completion
+
+        queue, out = list(zip(prompts, seeds)), []
+        self.requests.append(list(prompts))
+        while len(out) < len(queue):
+            prompt = queue[len(out)][0]
+            n = self.calls.get(prompt, 0)
+            self.calls[prompt] = n + 1
+            text, ended = self.respond(prompt, n)
+            out.append(Completion(text, len(text.split()), ended))
+            if on_progress:
+                queue += on_progress([(len(out) - 1, out[-1])], out[-1].num_tokens) or []
+        return out
+
+
 @pytest.fixture
 def fake_generator():
     return FakeGenerator
+
+
+@pytest.fixture
+def queue_generator():
+    return QueueGenerator
 
 
 @pytest.fixture(scope="session")

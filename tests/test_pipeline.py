@@ -43,32 +43,12 @@ def test_rows_keep_p_plus_and_p_minus_aligned(tmp_path, fake_generator):
         assert row["chosen_tokens"] == len(row["chosen"].split())
 
 
-def queue_generator(fake_generator):
-    """Runs requests one by one and, like the real generator, also runs those its progress callback adds."""
-
-    class QueueGenerator(fake_generator):
-        def generate(self, prompts, seeds, settings, on_progress=None):
-            from rlcd_data.generate import Completion
-
-            queue, out = list(zip(prompts, seeds)), []
-            self.requests.append(list(prompts))
-            while len(out) < len(queue):
-                prompt = queue[len(out)][0]
-                n = self.calls.get(prompt, 0)
-                self.calls[prompt] = n + 1
-                text, ended = self.respond(prompt, n)
-                out.append(Completion(text, len(text.split()), ended))
-                queue += on_progress([(len(out) - 1, out[-1])], out[-1].num_tokens) or []
-            return out
-
-    return QueueGenerator
-
-
 @pytest.mark.parametrize(
     "batch_size, calls, streaming",
     [(1, 8 + 10, False), (32, 8 * 4, False), (1, 8 + 10, True), (4, None, True)],  # None: tail attempts run early
 )
-def test_failed_outputs_are_retried_then_dropped(tmp_path, fake_generator, batch_size, calls, streaming):
+def test_failed_outputs_are_retried_then_dropped(tmp_path, fake_generator, queue_generator, batch_size, calls,
+                                                 streaming):
     """With free batch slots later attempts run alongside earlier ones; a generator that takes requests
     during a call runs each retry in the same call; the outcome is always the sequential one."""
 
@@ -79,7 +59,7 @@ def test_failed_outputs_are_retried_then_dropped(tmp_path, fake_generator, batch
             return "", True  # empty on attempts 0 and 1, fine on attempt 2
         return f"fine {n}", True
 
-    generator = (queue_generator(fake_generator) if streaming else fake_generator)(respond)
+    generator = (queue_generator if streaming else fake_generator)(respond)
     config = BuildConfig(
         task="harmless", prompts=str(prompts_file(tmp_path, 4)), output=str(tmp_path / "out"),
         max_retries=3, batch_size=batch_size,
@@ -177,7 +157,7 @@ def test_overwrite_replaces_data_and_keeps_other_files(tmp_path, fake_generator)
     assert (out / "notes.txt").read_text() == "mine"
 
 
-def test_interrupted_build_keeps_completed_pairs(tmp_path, fake_generator):
+def test_interrupted_build_keeps_completed_pairs(tmp_path, queue_generator):
     def respond(prompt, n):
         if "Question number 4?" in prompt:
             raise KeyboardInterrupt
@@ -186,7 +166,7 @@ def test_interrupted_build_keeps_completed_pairs(tmp_path, fake_generator):
     out = tmp_path / "out"
     config = BuildConfig(task="harmless", prompts=str(prompts_file(tmp_path, 6)), output=str(out), batch_size=1)
     with pytest.raises(KeyboardInterrupt):
-        build(config, generator=queue_generator(fake_generator)(respond), progress=False)
+        build(config, generator=queue_generator(respond), progress=False)
     parts = sorted((out / ".rlcd-build").glob("part-*.jsonl"))
     saved = [json.loads(line) for part in parts for line in part.read_text().splitlines()]
     assert [r["source_index"] for r in saved] == [0, 1, 2, 3]

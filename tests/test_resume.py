@@ -17,6 +17,8 @@ from rlcd_data.errors import RlcdError
 from rlcd_data.pipeline import build
 from rlcd_data.tasks import list_tasks
 
+from conftest import QueueGenerator
+
 
 def prompts_file(tmp_path, n=6):
     path = tmp_path / "prompts.jsonl"
@@ -31,8 +33,9 @@ def interrupted_build(tmp_path, fake_generator, **overrides):
         return "ok", True
 
     config = dict(task="harmless", prompts=str(prompts_file(tmp_path)), output=str(tmp_path / "out"), batch_size=1)
+    # The generator reports each output as it finishes: pairs 0-3 are written before the interrupt.
     with pytest.raises(KeyboardInterrupt):
-        build(BuildConfig(**{**config, **overrides}), generator=fake_generator(respond), progress=False)
+        build(BuildConfig(**{**config, **overrides}), generator=QueueGenerator(respond), progress=False)
     return config
 
 
@@ -155,14 +158,14 @@ def test_disk_full_is_a_clear_error_and_earlier_parts_stay_valid(tmp_path, fake_
 
     def fsync(fd):
         writes["n"] += 1
-        if writes["n"] == 3:  # state.json, part 0 (pairs 0-3), then the disk is full
+        if writes["n"] == 3:  # state.json, part 0 (pair 0), then the disk is full
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_fsync(fd)
 
     monkeypatch.setattr(pipeline.os, "fsync", fsync)
     config = dict(task="harmless", prompts=str(prompts_file(tmp_path)), output=str(tmp_path / "out"), batch_size=1)
     with pytest.raises(RlcdError, match=r"cannot write part 1 \(No space left on device\); the parts written before"):
-        build(BuildConfig(**config), generator=fake_generator(), progress=False)
+        build(BuildConfig(**config), generator=QueueGenerator(), progress=False)
     staging = tmp_path / "out" / ".rlcd-build"
     assert sorted(p.name for p in staging.iterdir()) == ["part-000000.jsonl", "state.json"]  # no half-written file
     monkeypatch.setattr(pipeline.os, "fsync", real_fsync)
