@@ -142,13 +142,16 @@ class TransformersGenerator:
         unique = list(dict.fromkeys(ids))
         missing = list(dict.fromkeys(k for k in map(prefixes.key, unique) if k and k not in prefixes.states))
         prefixes.states.update(self._prefill_prefixes(missing))
-        parts = [self._prefill(group, prefixes) for group in _prefill_groups(unique, prefixes)]
+        parts = [
+            self._prefill(group, [prefixes.states.get(prefixes.key(x)) for x in group])
+            for group in _prefill_groups(unique, prefixes)
+        ]
         new = parts[0]
         for part in parts[1:]:
             new.merge(part)
-        position = {u: r for r, u in enumerate(new.prompts)}
-        source_row = torch.tensor([position[x] for x in ids], device=new.mask.device)
-        new.select(source_row)
+        if new.prompts != ids:  # duplicates or another order: one row per request, in request order
+            position = {u: r for r, u in enumerate(new.prompts)}
+            new.select(torch.tensor([position[x] for x in ids], device=new.mask.device))
         new.rows = rows
         new.generated = [[] for _ in rows]
         new.generators = [torch.Generator().manual_seed(s) for s in seeds]
@@ -159,15 +162,14 @@ class TransformersGenerator:
         batch.compact()
         return batch.merge(new)
 
-    def _prefill(self, prompts: list[tuple], prefixes: _PrefixStore) -> _Batch:
-        """One forward over ``prompts``, each row continuing from its shared prefix's cache if it has one.
+    def _prefill(self, prompts: list[tuple], shared: list) -> _Batch:
+        """One forward over ``prompts``, each row continuing from its shared prefix's states (or None).
 
         A row is laid out as [padding][prefix][padding][rest of the prompt]; the mask hides both paddings.
         """
         import torch
         from transformers import DynamicCache
 
-        shared = [prefixes.states.get(prefixes.key(x)) for x in prompts]
         lengths = [0 if kv is None else kv[0][0].shape[-2] for kv in shared]
         rests = [x[n:] for x, n in zip(prompts, lengths)]
         past, length = max(lengths), max(map(len, rests))
@@ -204,28 +206,14 @@ class TransformersGenerator:
 
     def _prefill_prefixes(self, todo: list[tuple]) -> dict[tuple, list[tuple]]:
         """Key/value states of each prefix, [1, heads, length, dim] per layer, without padding."""
-        import torch
-        from transformers import DynamicCache
-
         states = {}
         for group in _length_groups(sorted(todo, key=len, reverse=True), len):
-            length = max(map(len, group))
-            pad = self.tokenizer.pad_token_id
-            input_ids = torch.tensor([[pad] * (length - len(x)) + list(x) for x in group])
-            mask = torch.tensor([[0] * (length - len(x)) + [1] * len(x) for x in group])
-            device = self.model.device
-            out = self.model(
-                input_ids=input_ids.to(device),
-                attention_mask=mask.to(device),
-                position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device),
-                past_key_values=DynamicCache(config=self.model.config),
-                use_cache=True,
-                logits_to_keep=1,
-            )
+            batch = self._prefill(group, [None] * len(group))
+            length = batch.mask.shape[1]
             for r, x in enumerate(group):
                 start = length - len(x)
                 states[x] = [(layer.keys[r : r + 1, :, start:].clone(), layer.values[r : r + 1, :, start:].clone())
-                             for layer in out.past_key_values.layers]
+                             for layer in batch.cache.layers]
         return states
 
 

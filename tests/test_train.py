@@ -32,6 +32,15 @@ def reward_args(dataset, model, out, *extra):
     ]
 
 
+def ppo_args(reward_model, policy, prompts, out, batch, response_length, learning_rate, *extra):
+    return [
+        "train", "ppo", "--reward_model", str(reward_model), "--policy", str(policy), "--prompts", str(prompts),
+        "--output_dir", str(out), "--preset", "ppo-cpu", "--per_device_train_batch_size", str(batch),
+        "--local_rollout_forward_batch_size", str(batch), "--response_length", str(response_length), "--steps", "2",
+        "--learning_rate", str(learning_rate), "--disable_tqdm", "true", *extra,
+    ]
+
+
 @pytest.fixture(scope="module")
 def tiny_reward_model(tmp_path_factory, tiny_model_dir):
     """A reward model trained from the tiny Llama on the separable toy pairs (shared by the tests below)."""
@@ -188,11 +197,7 @@ def test_ppo_runs_updates_and_eval_policy(tiny_reward_model, tiny_model_dir, tmp
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Tell me about number {i}."}) + "\n" for i in range(8)))
     out = tmp_path / "ppo"
-    args = ["train", "ppo", "--reward_model", str(tiny_reward_model), "--policy", str(tiny_model_dir),
-            "--prompts", str(prompts), "--output_dir", str(out), "--preset", "ppo-cpu",
-            "--per_device_train_batch_size", "4", "--local_rollout_forward_batch_size", "4",
-            "--response_length", "12", "--steps", "2", "--learning_rate", "1e-3", "--disable_tqdm", "true"]
-    assert main(args) == 0
+    assert main(ppo_args(tiny_reward_model, tiny_model_dir, prompts, out, 4, 12, "1e-3")) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["ppo_updates"] == 2 and metrics["rollout_batch"] == 4
     assert metrics["value_initialised_from"] == "reward model"  # same architecture and vocabulary
@@ -223,12 +228,8 @@ def test_ppo_grid_runs_each_kl_with_checkpoints(tiny_reward_model, tiny_model_di
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Say {i}."}) + "\n" for i in range(4)))
     out = tmp_path / "grid"
-    args = ["train", "ppo", "--reward_model", str(tiny_reward_model), "--policy", str(tiny_model_dir),
-            "--prompts", str(prompts), "--output_dir", str(out), "--preset", "ppo-cpu",
-            "--per_device_train_batch_size", "2", "--local_rollout_forward_batch_size", "2",
-            "--response_length", "8", "--steps", "2", "--learning_rate", "1e-2", "--disable_tqdm", "true",
-            "--grid", "--kl_grid", "0.001,0.032", "--save_strategy", "steps", "--save_steps", "1"]
-    assert main(args) == 0
+    assert main(ppo_args(tiny_reward_model, tiny_model_dir, prompts, out, 2, 8, "1e-2", "--grid", "--kl_grid",
+                         "0.001,0.032", "--save_strategy", "steps", "--save_steps", "1")) == 0
     runs = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()[-2:]]
     assert [r["kl_coef"] for r in runs] == [0.001, 0.032] and all(r["ppo_updates"] == 2 for r in runs)
     for kl in ("0.001", "0.032"):
