@@ -9,18 +9,26 @@ from the queue, so the batch stays full instead of waiting for its longest
 sequence. Requests the caller adds while the call runs (retries of failed
 outputs) join the same queue.
 
+Rows admitted together form a cohort with its own key/value cache, as wide as
+its longest row; the model runs on all rows at once and attention reads each
+row's cohort. Admitting rows copies no other cohort's cache, and a short row
+is not padded to the longest row of the whole batch (memory and attention
+follow the rows' own lengths). The cache grows in place (a buffer with room at
+the end) instead of being copied at every step.
+
 Prefill does no repeated work: identical prompts are prefilled once; a prefix
 that several prompts of the call share (p+ and p- are identical up to their
 first descriptor) is prefilled once and each prompt runs only its own rest;
+a retry of a row that just finished continues from that row's prompt states;
 prompts are prefilled in groups of similar length, so padding stays small.
-The key/value cache grows in place (a buffer with room at the end) instead of
-being copied at every step. Every request samples with its own random
-generator, so its output depends on its seed, not on which requests share its
-batch. Results come back in the caller's order.
+Every request samples with its own random generator, so its output depends on
+its seed, not on which requests share its batch. Results come back in the
+caller's order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import random
 from collections import deque
@@ -111,7 +119,7 @@ class TransformersGenerator:
         results: list[Completion | None] = [None] * len(prompts)
         batch: _Batch | None = None
         refill_below = max(1, int(self.batch_size * (1 - self.refill_at)))
-        with torch.inference_mode():
+        with torch.inference_mode(), _ragged_attention(self.model):
             while queue or batch is not None:
                 active = batch.active if batch else 0
                 if queue and active < self.batch_size and (active == 0 or active <= refill_below):
@@ -121,12 +129,20 @@ class TransformersGenerator:
                 for i, completion in done:
                     results[i] = completion
                 more = on_progress(done, batch.active) if on_progress else None  # one new token per live row
+                finished = {encoded[i]: i for i, _ in done}
                 for prompt, seed in more or ():
-                    encoded.append(tuple(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]))
+                    x = tuple(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+                    encoded.append(x)
                     seeds.append(seed)
                     results.append(None)
-                    prefixes.add(encoded[-1])
-                    queue.append(len(encoded) - 1)
+                    prefixes.add(x)
+                    if x in finished and x not in prefixes.kept and len(x) > 1:
+                        # A retry of a row that just finished: keep that row's prompt states (all but the
+                        # last token) and admit it at the next refill, so they are not held for long.
+                        prefixes.kept[x] = batch.prompt_states(finished[x], len(x) - 1)
+                        queue.appendleft(len(encoded) - 1)
+                    else:
+                        queue.append(len(encoded) - 1)
                 batch.finish({i for i, _ in done}, self.refill_at)
                 if batch.active:
                     batch.forward(self.model)
@@ -140,10 +156,9 @@ class TransformersGenerator:
 
         # Identical prompts (attempts of one output, run side by side) share one prefill.
         unique = list(dict.fromkeys(ids))
-        missing = list(dict.fromkeys(k for k in map(prefixes.key, unique) if k and k not in prefixes.states))
-        prefixes.states.update(self._prefill_prefixes(missing))
+        prefixes.states.update(self._prefill_prefixes(prefixes.missing(unique)))
         parts = [
-            self._prefill(group, [prefixes.states.get(prefixes.key(x)) for x in group])
+            self._prefill(group, [prefixes.shared_states(x) for x in group])
             for group in _prefill_groups(unique, prefixes)
         ]
         new = parts[0]
@@ -151,18 +166,17 @@ class TransformersGenerator:
             new.merge(part)
         if new.prompts != ids:  # duplicates or another order: one row per request, in request order
             position = {u: r for r, u in enumerate(new.prompts)}
-            new.select(torch.tensor([position[x] for x in ids], device=new.mask.device))
+            new.select([position[x] for x in ids])
         new.rows = rows
         new.generated = [[] for _ in rows]
         new.generators = [torch.Generator().manual_seed(s) for s in seeds]
         for x in ids:
             prefixes.admitted(x)
-        if batch is None:
-            return new
-        batch.compact()
-        return batch.merge(new)
+        batch = batch or _Batch()
+        batch.add(new)
+        return batch
 
-    def _prefill(self, prompts: list[tuple], shared: list) -> _Batch:
+    def _prefill(self, prompts: list[tuple], shared: list) -> _Part:
         """One forward over ``prompts``, each row continuing from its shared prefix's states (or None).
 
         A row is laid out as [padding][prefix][padding][rest of the prompt]; the mask hides both paddings.
@@ -197,23 +211,19 @@ class TransformersGenerator:
             use_cache=True,
             logits_to_keep=1,
         )
-        cache = out.past_key_values
-        if not past:
-            for i, layer in enumerate(cache.layers):
-                cache.layers[i] = _GrowingLayer(layer.keys, layer.values)
-        return _Batch(rows=[], generated=[], generators=[], cache=cache, mask=mask.to(device),
-                      logits=out.logits[:, -1].float(), prompts=list(prompts))
+        layers = [layer if past else _GrowingLayer(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        return _Part(layers=layers, mask=mask.to(device), logits=out.logits[:, -1].float(), prompts=list(prompts))
 
     def _prefill_prefixes(self, todo: list[tuple]) -> dict[tuple, list[tuple]]:
         """Key/value states of each prefix, [1, heads, length, dim] per layer, without padding."""
         states = {}
         for group in _length_groups(sorted(todo, key=len, reverse=True), len):
-            batch = self._prefill(group, [None] * len(group))
-            length = batch.mask.shape[1]
+            part = self._prefill(group, [None] * len(group))
+            length = part.mask.shape[1]
             for r, x in enumerate(group):
                 start = length - len(x)
                 states[x] = [(layer.keys[r : r + 1, :, start:].clone(), layer.values[r : r + 1, :, start:].clone())
-                             for layer in batch.cache.layers]
+                             for layer in part.layers]
         return states
 
 
@@ -264,6 +274,7 @@ class _PrefixStore:
             self.users[self.key(x)] = self.users.get(self.key(x), 0) + 1
             self.longest[self.group(x)] = max(self.longest.get(self.group(x), 0), len(x))
         self.states: dict[tuple, list] = {}  # prefix -> [(keys, values)] per layer, [1, heads, n, dim]
+        self.kept: dict[tuple, list] = {}  # prompt -> states of all its tokens but the last, until admitted
 
     def add(self, x: tuple) -> None:
         """A request added during the call: it shares the prefix of an identical earlier prompt, if any."""
@@ -277,14 +288,24 @@ class _PrefixStore:
     def group(self, x: tuple) -> tuple:
         return self.key(x) or x
 
+    def missing(self, prompts: list[tuple]) -> list[tuple]:
+        """Shared prefixes of ``prompts`` still to be prefilled."""
+        keys = (self.key(x) for x in prompts if x not in self.kept)
+        return list(dict.fromkeys(k for k in keys if k and k not in self.states))
+
+    def shared_states(self, x: tuple):
+        """States ``x`` continues from: its own kept states, its shared prefix's, or None."""
+        return self.kept[x] if x in self.kept else self.states.get(self.key(x))
+
     def shared_length(self, x: tuple) -> int:
-        return self.length[x]
+        return len(x) - 1 if x in self.kept else self.length[x]
 
     def order(self, x: tuple) -> tuple:
         """Queue order: longest first, the prompts of one prefix next to each other."""
         return (-self.longest[self.group(x)], self.group(x), -len(x))
 
     def admitted(self, x: tuple) -> None:
+        self.kept.pop(x, None)
         key = self.key(x)
         self.users[key] -= 1
         if key and not self.users[key]:
@@ -351,23 +372,128 @@ def _GrowingLayer(keys, values, spare: int = 64):
 
 
 @dataclass
-class _Batch:
-    """Sequences being decoded together, with their key/value cache and next-token logits."""
+class _Part:
+    """Rows sharing one dense key/value cache, left-padded to the longest row: the result of a prefill,
+    or a cohort of the running batch (rows admitted together, which then grow in step)."""
 
-    rows: list[int]  # request index per batch row
-    generated: list[list[int]]
-    generators: list  # torch.Generator per row
-    cache: object  # DynamicCache, [rows, heads, length, dim] per layer
-    mask: object  # [rows, length] attention mask, left-padded
-    logits: object  # [rows, vocab] next-token logits
-    # Finished rows stay in the tensors (decoded, ignored) until a refill's worth of the batch
-    # has finished: removing them copies the whole cache, too costly to do for every row.
-    dead: set = field(default_factory=set)
+    layers: list  # GrowingLayer per model layer, [rows, heads, width, dim]
+    mask: object  # [rows, width] attention mask, left-padded
+    logits: object  # [rows, vocab] next-token logits (held by the batch while decoding)
     prompts: list = field(default_factory=list)  # token ids per row, while prefilling
+    rows: list = field(default_factory=list)  # request index per row
+    generated: list = field(default_factory=list)
+    generators: list = field(default_factory=list)  # torch.Generator per row
+
+    def __len__(self) -> int:
+        return self.mask.shape[0]
+
+    def select(self, index) -> None:
+        """Keep rows ``index`` (in that order), then drop the left columns no row uses."""
+        import torch
+
+        index = torch.as_tensor(index, device=self.mask.device)
+        self.mask = self.mask[index]
+        self.logits = self.logits[index]
+        for name in ("rows", "generated", "generators"):
+            if getattr(self, name):
+                setattr(self, name, [getattr(self, name)[r] for r in index.tolist()])
+        first = int((self.mask.sum(0) > 0).nonzero()[0])
+        self.mask = self.mask[:, first:]
+        for i, layer in enumerate(self.layers):  # one layer at a time: at most one layer is held twice
+            self.layers[i] = _GrowingLayer(layer.keys[index, :, first:], layer.values[index, :, first:])
+
+    def merge(self, other: _Part) -> _Part:
+        """Append ``other``'s rows, left-padding the narrower cache and mask."""
+        import torch
+        import torch.nn.functional as F
+
+        length = max(self.mask.shape[1], other.mask.shape[1])
+
+        def left_pad(t, dim_from_end):
+            missing = length - t.shape[-dim_from_end]
+            return t if missing == 0 else F.pad(t, (0, 0) * (dim_from_end - 1) + (missing, 0))
+
+        for i, (mine, theirs) in enumerate(zip(self.layers, other.layers)):
+            self.layers[i] = _GrowingLayer(torch.cat([left_pad(mine.keys, 2), left_pad(theirs.keys, 2)]),
+                                           torch.cat([left_pad(mine.values, 2), left_pad(theirs.values, 2)]))
+        self.mask = torch.cat([left_pad(self.mask, 1), left_pad(other.mask, 1)])
+        self.logits = torch.cat([self.logits, other.logits])
+        for name in ("prompts", "rows", "generated", "generators"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        return self
+
+
+# Cohorts of the running batch; beyond this many, the two that waste least padding together merge.
+MAX_COHORTS = 8
+
+
+class _Batch:
+    """Sequences decoded together. Each cohort (rows admitted together) keeps its own key/value cache,
+    as wide as its longest row: admitting rows copies no other cache, and attention reads each row's
+    cohort, not the whole batch padded to its longest row. The model runs on all rows at once."""
+
+    def __init__(self):
+        self.cohorts: list[_Part] = []
+        self.logits = None  # [rows, vocab], cohorts in order
+        # Finished rows (request indices) stay in the tensors (decoded, ignored) until a refill
+        # or a compaction: removing them copies their cohort's cache.
+        self.dead: set[int] = set()
+        self._flatten()
 
     @property
     def active(self) -> int:
         return len(self.rows) - len(self.dead)
+
+    def _flatten(self) -> None:
+        for name in ("rows", "generated", "generators"):
+            setattr(self, name, [x for c in self.cohorts for x in getattr(c, name)])
+
+    def _restructure(self, change) -> None:
+        """Apply ``change`` to the cohorts, each holding its slice of the logits meanwhile."""
+        import torch
+
+        if self.cohorts:
+            for c, chunk in zip(self.cohorts, self.logits.split([len(c) for c in self.cohorts])):
+                c.logits = chunk
+        change()
+        self.logits = torch.cat([c.logits for c in self.cohorts]) if self.cohorts else None
+        for c in self.cohorts:
+            c.logits = None
+        self._flatten()
+
+    def add(self, part: _Part) -> None:
+        """Join ``part`` as a new cohort (after removing finished rows)."""
+        def change():
+            self._compact_cohorts()
+            self.cohorts.append(part)
+            while len(self.cohorts) > MAX_COHORTS:
+                self._merge_closest()
+
+        self._restructure(change)
+
+    def _merge_closest(self) -> None:
+        def waste(a: _Part, b: _Part) -> int:
+            return abs(a.mask.shape[1] - b.mask.shape[1]) * (len(a) if a.mask.shape[1] < b.mask.shape[1] else len(b))
+
+        pairs = [(i, j) for i in range(len(self.cohorts)) for j in range(i + 1, len(self.cohorts))]
+        i, j = min(pairs, key=lambda ij: waste(self.cohorts[ij[0]], self.cohorts[ij[1]]))
+        self.cohorts[i].merge(self.cohorts.pop(j))
+
+    def compact(self) -> None:
+        """Remove finished rows, and the left columns no remaining row of their cohort uses."""
+        if self.dead:
+            self._restructure(self._compact_cohorts)
+
+    def _compact_cohorts(self) -> None:
+        kept = []
+        for c in self.cohorts:
+            keep = [r for r, i in enumerate(c.rows) if i not in self.dead]
+            if len(keep) < len(c.rows) and keep:
+                c.select(keep)
+            if keep:
+                kept.append(c)
+        self.cohorts = kept
+        self.dead = set()
 
     def sample(self, settings: SamplingSettings, tokenizer) -> list[tuple[int, Completion]]:
         """Sample one token per row; return the rows that finished, with their completions."""
@@ -381,84 +507,112 @@ class _Batch:
         tokens = torch.searchsorted(cdf, u[:, None]).clamp_(max=cdf.shape[1] - 1)[:, 0].tolist()
         eos = tokenizer.eos_token_id
         done = []
-        for r, token in enumerate(tokens):
-            if r in self.dead:
+        for row, ids, token in zip(self.rows, self.generated, tokens):
+            if row in self.dead:
                 continue
-            ids = self.generated[r]
             ids.append(token)
             if token == eos:
-                done.append((self.rows[r], Completion(tokenizer.decode(ids[:-1], skip_special_tokens=True), len(ids), True)))
+                done.append((row, Completion(tokenizer.decode(ids[:-1], skip_special_tokens=True), len(ids), True)))
             elif len(ids) >= settings.max_new_tokens or any(
                 s in tokenizer.decode(ids[-STOP_WINDOW:]) for s in STOP_STRINGS
             ):
-                done.append((self.rows[r], Completion(tokenizer.decode(ids, skip_special_tokens=True), len(ids), False)))
+                done.append((row, Completion(tokenizer.decode(ids, skip_special_tokens=True), len(ids), False)))
         return done
+
+    def prompt_states(self, row: int, n: int) -> list[tuple]:
+        """Keys/values of the first ``n`` tokens of request ``row``, [1, heads, n, dim] per layer."""
+        c = next(c for c in self.cohorts if row in c.rows)
+        r = c.rows.index(row)
+        columns = c.mask[r].nonzero()[:n, 0]
+        return [(layer.keys[r : r + 1, :, columns], layer.values[r : r + 1, :, columns]) for layer in c.layers]
 
     def finish(self, finished: set[int], fraction: float) -> None:
         """Mark rows (by request index) finished; compact once ``fraction`` of the batch is."""
-        self.dead.update(r for r, i in enumerate(self.rows) if i in finished)
+        self.dead.update(finished)
         if self.dead and (len(self.dead) >= max(1, int(len(self.rows) * fraction)) or not self.active):
             self.compact()
 
-    def compact(self) -> None:
-        """Remove finished rows, then the left columns that no remaining row uses."""
-        if not self.dead:
-            return
-        keep = [r for r in range(len(self.rows)) if r not in self.dead]
-        self.dead = set()
-        for name in ("rows", "generated", "generators"):
-            setattr(self, name, [getattr(self, name)[r] for r in keep])
-        if not keep:
-            return
-        import torch
-
-        self.select(torch.tensor(keep, device=self.mask.device))
-
-    def select(self, index) -> None:
-        """Keep the tensors' rows ``index`` (in that order), then drop the left columns no row uses."""
-        self.mask = self.mask[index]
-        self.logits = self.logits[index]
-        first = int((self.mask.sum(0) > 0).nonzero()[0])
-        self.mask = self.mask[:, first:]
-        layers = self.cache.layers
-        for i, layer in enumerate(layers):  # one layer at a time: at most one layer is held twice
-            layers[i] = _GrowingLayer(layer.keys[index, :, first:], layer.values[index, :, first:])
-
     def forward(self, model) -> None:
-        """Feed each row's last token; update the cache and the next-token logits."""
+        """Feed each row's last token; update the caches and the next-token logits."""
         import torch
 
-        last = torch.tensor([[ids[-1]] for ids in self.generated], device=self.mask.device)
-        self.mask = torch.cat([self.mask, torch.ones_like(last)], dim=1)
+        last = torch.tensor([[ids[-1]] for ids in self.generated], device=self.logits.device)
+        for c in self.cohorts:
+            c.mask = torch.cat([c.mask, torch.ones_like(c.mask[:, :1])], dim=1)
+        cache = _ragged_cache_class()(self.cohorts, model.config)
         out = model(
             input_ids=last,
-            attention_mask=self.mask,
-            position_ids=self.mask.sum(-1, keepdim=True) - 1,
-            past_key_values=self.cache,
+            attention_mask=cache.placeholder_mask,
+            position_ids=torch.cat([c.mask.sum(-1, keepdim=True) - 1 for c in self.cohorts]),
+            past_key_values=cache,
             use_cache=True,
         )
-        self.cache = out.past_key_values
         self.logits = out.logits[:, -1].float()
 
-    def merge(self, other: _Batch) -> _Batch:
-        """Concatenate two batches, left-padding the shorter cache and mask."""
-        import torch
-        import torch.nn.functional as F
 
-        length = max(self.mask.shape[1], other.mask.shape[1])
+class _Ragged:
+    """Keys/values of a decoding step, per cohort: (first row, end row, keys, values, mask)."""
 
-        def left_pad(t, dim_from_end):
-            missing = length - t.shape[-dim_from_end]
-            return t if missing == 0 else F.pad(t, (0, 0) * (dim_from_end - 1) + (missing, 0))
+    def __init__(self, parts: list):
+        self.parts = parts
 
-        layers = self.cache.layers
-        for i, (mine, theirs) in enumerate(zip(layers, other.cache.layers)):
-            layers[i] = _GrowingLayer(torch.cat([left_pad(mine.keys, 2), left_pad(theirs.keys, 2)]),
-                                      torch.cat([left_pad(mine.values, 2), left_pad(theirs.values, 2)]))
-        self.mask = torch.cat([left_pad(self.mask, 1), left_pad(other.mask, 1)])
-        self.logits = torch.cat([self.logits, other.logits])
-        self.rows += other.rows
-        self.generated += other.generated
-        self.generators += other.generators
-        self.prompts += other.prompts
-        return self
+
+# Name under which the attention that understands _Ragged is registered with transformers.
+RAGGED_ATTENTION = "rlcd_ragged_sdpa"
+
+
+@functools.cache
+def _ragged_cache_class():
+    from transformers import DynamicCache
+
+    class RaggedCache(DynamicCache):
+        """The batch's cohorts seen as one cache: each layer's update writes every cohort's new token
+        in place and hands the attention a _Ragged instead of one padded tensor."""
+
+        def __init__(self, cohorts: list[_Part], config):
+            super().__init__(config=config)
+            self.cohorts = cohorts
+            self.masks = [c.mask.bool()[:, None, None, :] for c in cohorts]
+            # transformers takes a 4-D mask as already prepared; the attention uses self.masks instead.
+            self.placeholder_mask = cohorts[0].mask.new_ones(sum(map(len, cohorts)), 1, 1, 1, dtype=bool)
+
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            parts, start = [], 0
+            for c, mask in zip(self.cohorts, self.masks):
+                end = start + len(c)
+                keys, values = c.layers[layer_idx].update(key_states[start:end], value_states[start:end])
+                parts.append((start, end, keys, values, mask))
+                start = end
+            ragged = _Ragged(parts)
+            return ragged, ragged
+
+    return RaggedCache
+
+
+@functools.cache
+def _register_ragged_attention() -> str:
+    import torch
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        if not isinstance(key, _Ragged):
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        out = [sdpa_attention_forward(module, query[a:b], k, v, m, **kwargs)[0] for a, b, k, v, m in key.parts]
+        return torch.cat(out), None
+
+    AttentionInterface.register(RAGGED_ATTENTION, attention)
+    AttentionMaskInterface.register(RAGGED_ATTENTION, sdpa_mask)
+    return RAGGED_ATTENTION
+
+
+@contextlib.contextmanager
+def _ragged_attention(model):
+    """The model attends with _register_ragged_attention()'s function (SDPA) while decoding."""
+    before = model.config._attn_implementation
+    model.set_attn_implementation(_register_ragged_attention())
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)

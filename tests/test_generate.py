@@ -153,3 +153,50 @@ def test_requests_added_during_a_call_run_in_it(tiny):
     out = TransformersGenerator(model, tokenizer, batch_size=2).generate(SHARED[:2], [1, 2], settings, on_progress)
     alone = TransformersGenerator(model, tokenizer, batch_size=1).generate([extra[0]], [extra[1]], settings)
     assert len(out) == 3 and out[2] == alone[0]
+
+
+@pytest.mark.parametrize("max_cohorts", [1, 2, 8])
+def test_cohorts_change_no_output(tiny, monkeypatch, max_cohorts):
+    """Rows admitted at different refills keep separate caches (cohorts), merged beyond MAX_COHORTS."""
+    from rlcd_data import generate
+
+    model, tokenizer = tiny
+    settings = SamplingSettings(max_new_tokens=16)
+    seeds = [request_seed("cohorts", i) for i in range(len(PROMPTS))]
+    alone = [TransformersGenerator(model, tokenizer, batch_size=1).generate([p], [s], settings)[0]
+             for p, s in zip(PROMPTS, seeds)]
+    seen = []
+    forward = generate._Batch.forward
+    monkeypatch.setattr(generate._Batch, "forward", lambda self, m: seen.append(len(self.cohorts)) or forward(self, m))
+    monkeypatch.setattr(generate, "MAX_COHORTS", max_cohorts)
+    generator = TransformersGenerator(model, tokenizer, batch_size=4, refill_at=0.25)
+    assert generator.generate(PROMPTS * 2, seeds * 2, settings) == alone * 2
+    assert max(seen) == max_cohorts if max_cohorts < 8 else 2 < max(seen) <= 8
+
+
+def test_a_retry_continues_from_its_finished_rows_prompt_states(tiny, monkeypatch):
+    """A retry of a row that just finished prefills only its last prompt token, with the output it gets alone."""
+    model, tokenizer = tiny
+    settings = SamplingSettings(max_new_tokens=10)
+    rests = []
+    prefill = TransformersGenerator._prefill
+
+    def spy(self, prompts, shared):
+        rests.extend(len(x) - (0 if kv is None else kv[0][0].shape[-2]) for x, kv in zip(prompts, shared))
+        return prefill(self, prompts, shared)
+
+    monkeypatch.setattr(TransformersGenerator, "_prefill", spy)
+    retries = {}
+
+    def on_progress(done, tokens):
+        new = [(SHARED[i], request_seed("retry", i)) for i, _ in done if i < 2]
+        retries.update({i: seed for i, seed in ((i, request_seed("retry", i)) for i, _ in done if i < 2)})
+        return new
+
+    out = TransformersGenerator(model, tokenizer, batch_size=2).generate(SHARED[:2], [1, 2], settings, on_progress)
+    assert len(out) == 4 and sorted(retries) == [0, 1]
+    assert rests[-2:] == [1, 1] and len(rests) == 5  # shared prefix, two tails, then one token per retry
+    order = [i for i in retries]  # the retries take indices 2 and 3 in the order the rows finished
+    for index, i in enumerate(order, start=2):
+        assert out[index] == TransformersGenerator(model, tokenizer, batch_size=1).generate(
+            [SHARED[i]], [retries[i]], settings)[0]
