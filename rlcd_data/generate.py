@@ -563,6 +563,7 @@ RAGGED_ATTENTION = "rlcd_ragged_sdpa"
 
 @functools.cache
 def _ragged_cache_class():
+    import torch
     from transformers import DynamicCache
 
     class RaggedCache(DynamicCache):
@@ -572,7 +573,10 @@ def _ragged_cache_class():
         def __init__(self, cohorts: list[_Part], config):
             super().__init__(config=config)
             self.cohorts = cohorts
-            self.masks = [c.mask.bool()[:, None, None, :] for c in cohorts]
+            # Additive masks, made once per step (SDPA would turn a boolean mask into one in every layer).
+            dtype = cohorts[0].layers[0].keys.dtype
+            self.masks = [torch.zeros(c.mask.shape, dtype=dtype, device=c.mask.device)
+                          .masked_fill_(c.mask == 0, float("-inf"))[:, None, None, :] for c in cohorts]
             # transformers takes a 4-D mask as already prepared; the attention uses self.masks instead.
             self.placeholder_mask = cohorts[0].mask.new_ones(sum(map(len, cohorts)), 1, 1, 1, dtype=bool)
 
@@ -592,15 +596,22 @@ def _ragged_cache_class():
 @functools.cache
 def _register_ragged_attention() -> str:
     import torch
+    import torch.nn.functional as F
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    def attention(module, query, key, value, attention_mask, **kwargs):
+    def attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
         if not isinstance(key, _Ragged):
-            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-        out = [sdpa_attention_forward(module, query[a:b], k, v, m, **kwargs)[0] for a, b, k, v, m in key.parts]
-        return torch.cat(out), None
+            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        # One new token per row: a key/value head's query heads attend as that many query positions
+        # (what transformers' sdpa path does for one token), so keys/values are not repeated per head.
+        rows, heads, _, dim = query.shape
+        groups = key.parts[0][2].shape[1]
+        query = query.reshape(rows, groups, heads // groups, dim)
+        out = torch.cat([F.scaled_dot_product_attention(query[a:b], k, v, attn_mask=m, scale=scaling)
+                         for a, b, k, v, m in key.parts])
+        return out.reshape(rows, 1, heads, dim), None
 
     AttentionInterface.register(RAGGED_ATTENTION, attention)
     AttentionMaskInterface.register(RAGGED_ATTENTION, sdpa_mask)
