@@ -45,45 +45,6 @@ def test_output_depends_on_seed_not_on_batch_or_order(tiny):
     assert other_seed != alone
 
 
-def test_decoding_logits_equal_the_models_own_forward(tiny, monkeypatch):
-    """Every next-token distribution the batch samples from (cohorts, shared prefixes, refills, the
-    generator's own attention) equals the model's plain forward over the prompt and the tokens so far."""
-    import torch
-
-    from rlcd_data import generate
-
-    model, tokenizer = tiny
-    seen = []  # (request, tokens so far, logits)
-    padded = []  # decoding steps where a cohort held left padding
-    sample = generate._Batch.sample
-
-    def spy(self, settings, tok):
-        padded.append(any(bool((c.mask == 0).any()) for c in self.cohorts))
-        seen.extend((r, tuple(ids), logits.clone()) for r, ids, logits in zip(self.rows, self.generated, self.logits)
-                    if r not in self.dead)
-        return sample(self, settings, tok)
-
-    monkeypatch.setattr(generate._Batch, "sample", spy)
-    prompts = SHARED + PROMPTS
-    TransformersGenerator(model, tokenizer, batch_size=6, refill_at=0.5).generate(
-        prompts, [request_seed("plain", i) for i in range(len(prompts))], SamplingSettings(max_new_tokens=12)
-    )
-    assert {r for r, _, _ in seen} == set(range(len(prompts)))
-    assert sum(padded) > 10
-    checked = 0
-    with torch.inference_mode():
-        for r, prompt in enumerate(prompts):
-            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            steps = sorted((len(so_far), so_far, logits) for i, so_far, logits in seen if i == r)
-            full = ids + list(steps[-1][1])
-            plain = model(input_ids=torch.tensor([full])).logits[0].float()
-            for n, so_far, logits in steps:
-                assert list(so_far) == full[len(ids) : len(ids) + n]
-                torch.testing.assert_close(logits, plain[len(ids) - 1 + n], atol=5e-5, rtol=1e-5)
-                checked += 1
-    assert checked == len(seen) > len(prompts) * 5
-
-
 CONTEXT = "\n\nHuman: My neighbour keeps parking in front of my garage and I cannot get my car out. What should I do?"
 SHARED = [  # p+/p- style: a long common prefix, then different final tags (and one unrelated prompt)
     CONTEXT + "\n\nAssistant (harmless response):",
@@ -192,6 +153,45 @@ def test_requests_added_during_a_call_run_in_it(tiny):
     out = TransformersGenerator(model, tokenizer, batch_size=2).generate(SHARED[:2], [1, 2], settings, on_progress)
     alone = TransformersGenerator(model, tokenizer, batch_size=1).generate([extra[0]], [extra[1]], settings)
     assert len(out) == 3 and out[2] == alone[0]
+
+
+def test_decoding_logits_equal_the_models_own_forward(tiny, monkeypatch):
+    """Every next-token distribution the batch samples from (cohorts, shared prefixes, refills, the
+    generator's own attention) equals the model's plain forward over the prompt and the tokens so far."""
+    import torch
+
+    from rlcd_data import generate
+
+    model, tokenizer = tiny
+    seen = []  # (request, tokens so far, logits)
+    padded = []  # decoding steps where a cohort held left padding
+    sample = generate._Batch.sample
+
+    def spy(self, settings, tok):
+        padded.append(any(bool((c.mask == 0).any()) for c in self.cohorts))
+        seen.extend((r, tuple(ids), logits.clone()) for r, ids, logits in zip(self.rows, self.generated, self.logits)
+                    if r not in self.dead)
+        return sample(self, settings, tok)
+
+    monkeypatch.setattr(generate._Batch, "sample", spy)
+    prompts = SHARED + PROMPTS
+    TransformersGenerator(model, tokenizer, batch_size=6, refill_at=0.5).generate(
+        prompts, [request_seed("plain", i) for i in range(len(prompts))], SamplingSettings(max_new_tokens=12)
+    )
+    assert {r for r, _, _ in seen} == set(range(len(prompts)))
+    assert sum(padded) > 10
+    checked = 0
+    with torch.inference_mode():
+        for r, prompt in enumerate(prompts):
+            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            steps = [(so_far, logits) for i, so_far, logits in seen if i == r]  # recorded step by step
+            full = ids + list(steps[-1][0])
+            plain = model(input_ids=torch.tensor([full])).logits[0].float()
+            for n, (so_far, logits) in enumerate(steps):
+                assert list(so_far) == full[len(ids) : len(ids) + n]
+                torch.testing.assert_close(logits, plain[len(ids) - 1 + n], atol=5e-5, rtol=1e-5)
+                checked += 1
+    assert checked == len(seen) > len(prompts) * 5
 
 
 @pytest.mark.parametrize("max_cohorts", [1, 2, 8])
