@@ -3,11 +3,12 @@
 Requests are queued longest first (an out-of-memory error shows at once),
 requests that share a prefix next to each other, and decoded in one batch
 where each sequence finishes at its own stop: end-of-sequence, the start of
-the next ``Human`` turn, or the token limit. Once ``refill_at`` of the batch
-(a quarter) has finished, those rows are removed and the freed slots refilled
-from the queue, so the batch stays full instead of waiting for its longest
-sequence. Requests the caller adds while the call runs (retries of failed
-outputs) join the same queue.
+the next ``Human`` turn, or the token limit. A finished row leaves the batch
+at once (its cohort's last row moves into its slot); once ``refill_at`` of the
+batch (a quarter) has finished, the freed slots are refilled from the queue,
+so the batch stays full instead of waiting for its longest sequence. Requests
+the caller adds while the call runs (retries of failed outputs) join the same
+queue.
 
 Rows admitted together form a cohort with its own key/value cache, as wide as
 its longest row; the model runs on all rows at once and attention reads each
@@ -143,7 +144,7 @@ class TransformersGenerator:
                         queue.appendleft(len(encoded) - 1)
                     else:
                         queue.append(len(encoded) - 1)
-                batch.finish({i for i, _ in done}, self.refill_at)
+                batch.finish({i for i, _ in done})
                 if batch.active:
                     batch.forward(self.model)
                 else:
@@ -355,6 +356,17 @@ def _growing_layer_class():
             self._v[:, :, :n] = values
             self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
 
+        def move_row(self, source: int, target: int) -> None:
+            n = self.keys.shape[-2]
+            self._k[target, :, :n] = self._k[source, :, :n]
+            self._v[target, :, :n] = self._v[source, :, :n]
+
+        def narrow(self, rows: int, first: int) -> None:
+            """Keep the first ``rows`` rows and the columns from ``first`` on (views: nothing is copied)."""
+            n = self.keys.shape[-2] - first
+            self._k, self._v = self._k[:rows, :, first:], self._v[:rows, :, first:]
+            self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
+
         def update(self, key_states, value_states, *args, **kwargs):
             n, add = self.keys.shape[-2], key_states.shape[-2]
             if n + add > self._k.shape[-2]:
@@ -402,6 +414,25 @@ class _Part:
         for i, layer in enumerate(self.layers):  # one layer at a time: at most one layer is held twice
             self.layers[i] = _GrowingLayer(layer.keys[index, :, first:], layer.values[index, :, first:])
 
+    def remove(self, gone: list[int]) -> None:
+        """Remove rows ``gone``: the last row moves into each freed slot (a row's copy, not the cohort's),
+        then the caches shrink to the rows and to the columns the remaining rows use (views)."""
+        n = len(self)
+        for r in sorted(gone, reverse=True):
+            n -= 1
+            if r != n:
+                for layer in self.layers:
+                    layer.move_row(n, r)
+                self.mask[r] = self.mask[n]
+                for name in ("rows", "generated", "generators"):
+                    getattr(self, name)[r] = getattr(self, name)[n]
+        for name in ("rows", "generated", "generators"):
+            del getattr(self, name)[n:]
+        first = int((self.mask[:n].sum(0) > 0).nonzero()[0])
+        self.mask = self.mask[:n, first:]
+        for layer in self.layers:
+            layer.narrow(n, first)
+
     def merge(self, other: _Part) -> _Part:
         """Append ``other``'s rows, left-padding the narrower cache and mask."""
         import torch
@@ -435,14 +466,11 @@ class _Batch:
     def __init__(self):
         self.cohorts: list[_Part] = []
         self.logits = None  # [rows, vocab], cohorts in order
-        # Finished rows (request indices) stay in the tensors (decoded, ignored) until a refill
-        # or a compaction: removing them copies their cohort's cache.
-        self.dead: set[int] = set()
         self._flatten()
 
     @property
     def active(self) -> int:
-        return len(self.rows) - len(self.dead)
+        return len(self.rows)
 
     def _flatten(self) -> None:
         for name in ("rows", "generated", "generators"):
@@ -462,9 +490,8 @@ class _Batch:
         self._flatten()
 
     def add(self, part: _Part) -> None:
-        """Join ``part`` as a new cohort (after removing finished rows)."""
+        """Join ``part`` as a new cohort."""
         def change():
-            self._compact_cohorts()
             self.cohorts.append(part)
             while len(self.cohorts) > MAX_COHORTS:
                 self._merge_closest()
@@ -479,22 +506,6 @@ class _Batch:
         i, j = min(pairs, key=lambda ij: waste(self.cohorts[ij[0]], self.cohorts[ij[1]]))
         self.cohorts[i].merge(self.cohorts.pop(j))
 
-    def compact(self) -> None:
-        """Remove finished rows, and the left columns no remaining row of their cohort uses."""
-        if self.dead:
-            self._restructure(self._compact_cohorts)
-
-    def _compact_cohorts(self) -> None:
-        kept = []
-        for c in self.cohorts:
-            keep = [r for r, i in enumerate(c.rows) if i not in self.dead]
-            if len(keep) < len(c.rows) and keep:
-                c.select(keep)
-            if keep:
-                kept.append(c)
-        self.cohorts = kept
-        self.dead = set()
-
     def sample(self, settings: SamplingSettings, tokenizer) -> list[tuple[int, Completion]]:
         """Sample one token per row; return the rows that finished, with their completions."""
         import torch
@@ -508,8 +519,6 @@ class _Batch:
         eos = tokenizer.eos_token_id
         done = []
         for row, ids, token in zip(self.rows, self.generated, tokens):
-            if row in self.dead:
-                continue
             ids.append(token)
             if token == eos:
                 done.append((row, Completion(tokenizer.decode(ids[:-1], skip_special_tokens=True), len(ids), True)))
@@ -526,17 +535,26 @@ class _Batch:
         columns = c.mask[r].nonzero()[:n, 0]
         return [(layer.keys[r : r + 1, :, columns], layer.values[r : r + 1, :, columns]) for layer in c.layers]
 
-    def finish(self, finished: set[int], fraction: float) -> None:
-        """Mark rows (by request index) finished; compact once ``fraction`` of the batch is."""
-        self.dead.update(finished)
-        if self.dead and (len(self.dead) >= max(1, int(len(self.rows) * fraction)) or not self.active):
-            self.compact()
+    def finish(self, finished: set[int]) -> None:
+        """Remove finished rows (by request index) at once: they are not decoded any further."""
+        if not finished:
+            return
+        kept = []
+        for c in self.cohorts:
+            gone = [r for r, i in enumerate(c.rows) if i in finished]
+            if len(gone) < len(c):
+                if gone:
+                    c.remove(gone)
+                kept.append(c)
+        self.cohorts = kept
+        self.logits = None  # rows moved; the next forward() makes them
+        self._flatten()
 
     def forward(self, model) -> None:
         """Feed each row's last token; update the caches and the next-token logits."""
         import torch
 
-        last = torch.tensor([[ids[-1]] for ids in self.generated], device=self.logits.device)
+        last = torch.tensor([[ids[-1]] for ids in self.generated], device=self.cohorts[0].mask.device)
         for c in self.cohorts:
             c.mask = torch.cat([c.mask, torch.ones_like(c.mask[:, :1])], dim=1)
         cache = _ragged_cache_class()(self.cohorts, model.config)
