@@ -5,7 +5,7 @@ requests that share a prefix next to each other, and decoded in one batch
 where each sequence finishes at its own stop: end-of-sequence, the start of
 the next ``Human`` turn, or the token limit. A finished row leaves the batch
 at once (its cohort's last row moves into its slot); once ``refill_at`` of the
-batch (a quarter) has finished, the freed slots are refilled from the queue,
+batch (an eighth) has finished, the freed slots are refilled from the queue,
 so the batch stays full instead of waiting for its longest sequence. Requests
 the caller adds while the call runs (retries of failed outputs) join the same
 queue.
@@ -93,7 +93,7 @@ class TransformersGenerator:
             (a prefill per refill; 0 < refill_at <= 1).
     """
 
-    def __init__(self, model, tokenizer, batch_size: int = 16, description: str = "", refill_at: float = 0.25):
+    def __init__(self, model, tokenizer, batch_size: int = 16, description: str = "", refill_at: float = 0.125):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
