@@ -1,6 +1,7 @@
 """Generation throughput: the released RLCD loop's behaviour vs `rlcd-data build`'s generator.
 
     .venv/bin/python benchmarks/generation.py [--prompts 64] [--max-new-tokens 300] [--dtype float32] [--runs 1]
+                                              [--only a|b] [--default-kernels]
 
 Each generator runs in its own process on the same prompts, model and settings:
 
@@ -95,6 +96,12 @@ def run_build(args) -> dict:
     from rlcd_data.pipeline import build
 
     model, tok, source = load(args)
+    if args.default_kernels:  # the generator's structure alone, on the kernels (a) uses
+        import contextlib
+
+        from rlcd_data import generate
+
+        generate._packed_linears = lambda model, batch_size: contextlib.nullcontext()
     out = Path(tempfile.mkdtemp()) / "out"
     config = BuildConfig(task="harmless", prompts=str(args.hh), limit=args.prompts, output=str(out),
                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
@@ -147,8 +154,9 @@ def child(args) -> None:
 
 def spawn(args, which: str) -> dict:
     cmd = [sys.executable, __file__, "--child", which] + [
-        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("child", "runs", "only") and v is not None
-    ]
+        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+        if k not in ("child", "runs", "only") and v is not None and not isinstance(v, bool)
+    ] + (["--default-kernels"] if args.default_kernels else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
 
@@ -163,11 +171,14 @@ def main() -> None:
     parser.add_argument("--hh", default=str(HH_PROMPTS))
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--only", choices=["a", "b"], help="run one generator (no ratio)")
+    parser.add_argument("--default-kernels", action="store_true",
+                        help="(b) without its oneDNN packed linears: the default kernels, as (a) uses")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args)
-    print(f"{args.prompts} prompts, max {args.max_new_tokens} new tokens, {args.dtype}, model {args.model}")
+    print(f"{args.prompts} prompts, max {args.max_new_tokens} new tokens, {args.dtype}, model {args.model}"
+          + (", (b) on the default kernels" if args.default_kernels else ""))
     limit = spawn(args, "ceiling")
     rates = ", ".join(f"{k} {v:.1f}" for k, v in limit["rates_gflops"].items())
     print(f"ceiling: {limit['matmul_gflops']:.1f} GFLOP/s matmul ({limit['kernel']}; measured GFLOP/s: {rates})"

@@ -25,6 +25,12 @@ prompts are prefilled in groups of similar length, so padding stays small.
 Every request samples with its own random generator, so its output depends on
 its seed, not on which requests share its batch. Results come back in the
 caller's order.
+
+Models with sliding-window attention (Mistral, Gemma 3, ...) are supported:
+when a sequence may outgrow the window, prompts are prefilled whole (no shared
+prefix, so a row holds no padding between its tokens) and each sliding layer
+attends to the last ``window`` columns of its cohort. Attention logit
+soft-capping (Gemma 2) and chunked attention are refused with an RlcdError.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from .conversation import STOP_STRINGS
+from .errors import RlcdError
 
 # Tokens decoded at each step to look for a stop string; longer than any stop string.
 STOP_WINDOW = 8
@@ -99,6 +106,11 @@ class TransformersGenerator:
         self.batch_size = batch_size
         self.refill_at = refill_at
         self.description = description or getattr(model, "name_or_path", "model")
+        config = model.config.get_text_config()
+        for name in ("attn_logit_softcapping", "attention_chunk_size"):
+            if getattr(config, name, None):
+                raise RlcdError(f"{self.description}: its attention uses {name}, which the generator does not support")
+        self.window = getattr(config, "sliding_window", None)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -114,7 +126,12 @@ class TransformersGenerator:
 
         encoded = [tuple(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
         seeds = list(seeds)
-        prefixes = _PrefixStore(encoded)
+        # Shared prefill states put padding inside rows (up to a prompt's length) and a sliding window
+        # counts columns: share only if no row, padding included, can outgrow the window (then it hides
+        # nothing). Requests added during the call are retries of these prompts.
+        longest = max(map(len, encoded), default=0)
+        window = self.window if self.window and 2 * longest + settings.max_new_tokens > self.window else None
+        prefixes = _PrefixStore(encoded, share=window is None)
         # Longest first (an out-of-memory error shows at once), requests sharing a prefix next to each other.
         queue = deque(sorted(range(len(prompts)), key=lambda i: prefixes.order(encoded[i])))
         results: list[Completion | None] = [None] * len(prompts)
@@ -125,7 +142,8 @@ class TransformersGenerator:
                 active = batch.active if batch else 0
                 if queue and active < self.batch_size and (active == 0 or active <= refill_below):
                     new = [queue.popleft() for _ in range(min(self.batch_size - active, len(queue)))]
-                    batch = self._admit(batch, new, [encoded[i] for i in new], [seeds[i] for i in new], prefixes)
+                    ids, row_seeds = [encoded[i] for i in new], [seeds[i] for i in new]
+                    batch = self._admit(batch or _Batch(window), new, ids, row_seeds, prefixes)
                 done = batch.sample(settings, self.tokenizer)
                 for i, completion in done:
                     results[i] = completion
@@ -137,7 +155,7 @@ class TransformersGenerator:
                     seeds.append(seed)
                     results.append(None)
                     prefixes.add(x)
-                    if x in finished and x not in prefixes.kept and len(x) > 1:
+                    if x in finished and x not in prefixes.kept and len(x) > 1 and window is None:
                         # A retry of a row that just finished: keep that row's prompt states (all but the
                         # last token) and admit it at the next refill, so they are not held for long.
                         prefixes.kept[x] = batch.prompt_states(finished[x], len(x) - 1)
@@ -151,7 +169,7 @@ class TransformersGenerator:
                     batch = None
         return results  # type: ignore[return-value]
 
-    def _admit(self, batch: _Batch | None, rows: list[int], ids: list[tuple], seeds: list[int], prefixes) -> _Batch:
+    def _admit(self, batch: _Batch, rows: list[int], ids: list[tuple], seeds: list[int], prefixes) -> _Batch:
         """Prefill new prompts; each group prefilled together joins the running batch as a cohort."""
         import torch
 
@@ -171,7 +189,6 @@ class TransformersGenerator:
             parts.append(part)
         for x in ids:
             prefixes.admitted(x)
-        batch = batch or _Batch()
         batch.add(parts)
         return batch
 
@@ -260,9 +277,9 @@ class _PrefixStore:
     """Prefixes shared by distinct prompts of one generate() call (the p+ and p- of a pair, up to
     their descriptors), prefilled once and kept until the last request using them is admitted."""
 
-    def __init__(self, prompts: Sequence[tuple]):
+    def __init__(self, prompts: Sequence[tuple], share: bool = True):
         ordered = sorted(set(prompts))
-        common = [0] + [_common_length(a, b) for a, b in zip(ordered, ordered[1:])] + [0]
+        common = [0] + [_common_length(a, b) if share else 0 for a, b in zip(ordered, ordered[1:])] + [0]
         self.length: dict[tuple, int] = {}
         for i, x in enumerate(ordered):
             n = min(max(common[i], common[i + 1]), len(x) - 1)  # the last token runs per prompt, for its logits
@@ -465,7 +482,8 @@ class _Batch:
     as wide as its longest row: admitting rows copies no other cache, and attention reads each row's
     cohort, not the whole batch padded to its longest row. The model runs on all rows at once."""
 
-    def __init__(self):
+    def __init__(self, window: int | None = None):
+        self.window = window  # sliding layers attend to this many last columns (rows hold no inner padding)
         self.cohorts: list[_Part] = []
         self.logits = None  # [rows, vocab], cohorts in order
         self._flatten()
@@ -559,7 +577,7 @@ class _Batch:
         last = torch.tensor([[ids[-1]] for ids in self.generated], device=self.cohorts[0].mask.device)
         for c in self.cohorts:
             c.mask = torch.cat([c.mask, torch.ones_like(c.mask[:, :1])], dim=1)
-        cache = _ragged_cache_class()(self.cohorts, model.config)
+        cache = _ragged_cache_class()(self.cohorts, model.config, self.window)
         out = model(
             input_ids=last,
             attention_mask=cache.placeholder_mask,
@@ -573,8 +591,9 @@ class _Batch:
 class _Ragged:
     """Keys/values of a decoding step, per cohort: (first row, end row, keys, values, mask)."""
 
-    def __init__(self, parts: list):
+    def __init__(self, parts: list, window: int | None):
         self.parts = parts
+        self.window = window
 
 
 # Name under which the attention that understands _Ragged is registered with transformers.
@@ -590,9 +609,9 @@ def _ragged_cache_class():
         """The batch's cohorts seen as one cache: each layer's update writes every cohort's new token
         in place and hands the attention a _Ragged instead of one padded tensor."""
 
-        def __init__(self, cohorts: list[_Part], config):
+        def __init__(self, cohorts: list[_Part], config, window: int | None):
             super().__init__(config=config)
-            self.cohorts = cohorts
+            self.cohorts, self.window = cohorts, window
             # Additive masks, made once per step (SDPA would turn a boolean mask into one in every layer).
             dtype = cohorts[0].layers[0].keys.dtype
             self.masks = [torch.zeros(c.mask.shape, dtype=dtype, device=c.mask.device)
@@ -607,7 +626,7 @@ def _ragged_cache_class():
                 keys, values = c.layers[layer_idx].update(key_states[start:end], value_states[start:end])
                 parts.append((start, end, keys, values, mask))
                 start = end
-            ragged = _Ragged(parts)
+            ragged = _Ragged(parts, self.window)
             return ragged, ragged
 
     return RaggedCache
@@ -629,8 +648,10 @@ def _register_ragged_attention() -> str:
         rows, heads, _, dim = query.shape
         groups = key.parts[0][2].shape[1]
         query = query.reshape(rows, groups, heads // groups, dim)
-        out = torch.cat([F.scaled_dot_product_attention(query[a:b], k, v, attn_mask=m, scale=scaling)
-                         for a, b, k, v, m in key.parts])
+        # A sliding layer sees the last `window` tokens, its own included: the last columns of its cohort.
+        w = -kwargs["sliding_window"] if key.window and kwargs.get("sliding_window") else 0
+        out = torch.cat([F.scaled_dot_product_attention(query[a:b], k[:, :, w:], v[:, :, w:], attn_mask=m[..., w:],
+                                                        scale=scaling) for a, b, k, v, m in key.parts])
         return out.reshape(rows, 1, heads, dim), None
 
     AttentionInterface.register(RAGGED_ATTENTION, attention)

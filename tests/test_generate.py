@@ -155,14 +155,13 @@ def test_requests_added_during_a_call_run_in_it(tiny):
     assert len(out) == 3 and out[2] == alone[0]
 
 
-def test_decoding_logits_equal_the_models_own_forward(tiny, monkeypatch):
+def assert_decoding_matches_plain_forward(model, tokenizer, prompts, monkeypatch) -> None:
     """Every next-token distribution the batch samples from (cohorts, shared prefixes, refills, the
     generator's own attention) equals the model's plain forward over the prompt and the tokens so far."""
     import torch
 
     from rlcd_data import generate
 
-    model, tokenizer = tiny
     seen = []  # (request, tokens so far, logits)
     padded = []  # decoding steps where a cohort held left padding
     sample = generate._Batch.sample
@@ -173,7 +172,6 @@ def test_decoding_logits_equal_the_models_own_forward(tiny, monkeypatch):
         return sample(self, settings, tok)
 
     monkeypatch.setattr(generate._Batch, "sample", spy)
-    prompts = SHARED + PROMPTS
     TransformersGenerator(model, tokenizer, batch_size=6, refill_at=0.5).generate(
         prompts, [request_seed("plain", i) for i in range(len(prompts))], SamplingSettings(max_new_tokens=12)
     )
@@ -191,6 +189,53 @@ def test_decoding_logits_equal_the_models_own_forward(tiny, monkeypatch):
                 torch.testing.assert_close(logits, plain[len(ids) - 1 + n], atol=5e-5, rtol=1e-5)
                 checked += 1
     assert checked == len(seen) > len(prompts) * 5
+
+
+def test_decoding_logits_equal_the_models_own_forward(tiny, monkeypatch):
+    model, tokenizer = tiny
+    assert_decoding_matches_plain_forward(model, tokenizer, SHARED + PROMPTS, monkeypatch)
+
+
+def tiny_config(name: str, tokenizer, **extra):
+    import transformers
+
+    return getattr(transformers, name)(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, **extra,
+    )
+
+
+@pytest.mark.parametrize("name", ["Mistral", "Gemma3"])
+def test_sliding_window_models_decode_as_their_own_forward(tiny, monkeypatch, name):
+    """A sliding window of 8 tokens, much shorter than the prompts: every layer (Mistral) or every
+    other layer (Gemma 3) sees only the last 8 tokens, in the batch as in the model's own forward."""
+    import torch
+    import transformers
+
+    _, tokenizer = tiny
+    extra = {"layer_types": ["sliding_attention", "full_attention"]} if name == "Gemma3" else {}
+    config_class = f"{name}TextConfig" if name == "Gemma3" else f"{name}Config"
+    config = tiny_config(config_class, tokenizer, sliding_window=8, **extra)
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{name}ForCausalLM")(config).eval()
+    generator = TransformersGenerator(model, tokenizer)
+    assert generator.window == 8
+    # A shared prefix whose rests differ in length: shared prefill states would put padding inside a row.
+    uneven = [CONTEXT + "\n\nAssistant (harmless and friendly response):",
+              CONTEXT + "\n\nAssistant (harmful and very rude response):"]
+    assert_decoding_matches_plain_forward(model, tokenizer, SHARED + PROMPTS + uneven, monkeypatch)
+
+
+def test_attention_soft_capping_is_refused_in_one_line(tiny):
+    import transformers
+
+    from rlcd_data.errors import RlcdError
+
+    _, tokenizer = tiny
+    model = transformers.Gemma2ForCausalLM(tiny_config("Gemma2Config", tokenizer, attn_logit_softcapping=50.0))
+    with pytest.raises(RlcdError, match="attn_logit_softcapping"):
+        TransformersGenerator(model, tokenizer, description="gemma-2")
 
 
 @pytest.mark.parametrize("max_cohorts", [1, 2, 8])
