@@ -283,3 +283,46 @@ def test_a_retry_continues_from_its_finished_rows_prompt_states(tiny, monkeypatc
     for index, i in enumerate(order, start=2):
         assert out[index] == TransformersGenerator(model, tokenizer, batch_size=1).generate(
             [SHARED[i]], [retries[i]], settings)[0]
+
+
+def test_packed_linears_compute_f_linear_and_a_rows_result_does_not_depend_on_its_batch():
+    import torch
+
+    from rlcd_data.generate import _packed_forward
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch build")
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(1536, 576)  # a SmolLM2 down projection's shape: oneDNN runs one row differently
+    forward = _packed_forward(layer.weight.detach(), layer.bias, batch_size=32)
+    assert forward is not None
+    x = torch.randn(40, 1536)
+    torch.testing.assert_close(forward(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    alone = torch.cat([forward(x[i : i + 1]) for i in range(len(x))])
+    for m in (2, 3, 7, 32, 40):
+        assert torch.equal(forward(x[:m]), alone[:m])
+    assert torch.equal(forward(x[None, :1]), alone[None, :1])  # [batch, 1, features], as in decoding
+
+
+def test_packed_linears_are_restored_and_fall_back_together(tiny, monkeypatch):
+    """After a call, even one that raised, every layer runs its own forward again; if one layer
+    cannot be packed, none is."""
+    import torch
+
+    from rlcd_data import generate
+
+    model, _ = tiny
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    with generate._packed_linears(model, 4):
+        assert all("forward" in vars(m) for m in linears)
+    assert not any("forward" in vars(m) for m in linears)
+    with pytest.raises(KeyboardInterrupt), generate._packed_linears(model, 4):
+        raise KeyboardInterrupt
+    assert not any("forward" in vars(m) for m in linears)
+    calls = []
+    packed_forward = generate._packed_forward
+    monkeypatch.setattr(generate, "_packed_forward",
+                        lambda *a: None if calls.append(1) or len(calls) == 2 else packed_forward(*a))
+    with generate._packed_linears(model, 4):
+        assert len(calls) == len(linears)
+        assert not any("forward" in vars(m) for m in linears)
