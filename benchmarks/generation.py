@@ -1,7 +1,7 @@
 """Generation throughput: the released RLCD loop's behaviour vs `rlcd-data build`'s generator.
 
-    .venv/bin/python benchmarks/generation.py [--prompts 64] [--max-new-tokens 300] [--dtype float32] [--runs 1]
-                                              [--only a|b] [--default-kernels]
+    .venv/bin/python benchmarks/generation.py [--prompts 64] [--max-new-tokens 300]
+                    [--dtype float32 bfloat16] [--runs 1] [--only a|b] [--default-kernels]
 
 Each generator runs in its own process on the same prompts, model and settings:
 
@@ -165,7 +165,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=300)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"],
+                        help="each is measured in turn (ceiling, runs, medians)")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size of (b); (a) always uses 16")
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--hh", default=str(HH_PROMPTS))
@@ -176,7 +177,14 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
+        args.dtype = args.dtype[0]
         return child(args)
+    for dtype in args.dtype:
+        measure(argparse.Namespace(**{**vars(args), "dtype": dtype}))
+
+
+def measure(args) -> None:
+    """Ceiling, runs and medians for one dtype."""
     print(f"{args.prompts} prompts, max {args.max_new_tokens} new tokens, {args.dtype}, model {args.model}"
           + (", (b) on the default kernels" if args.default_kernels else ""))
     limit = spawn(args, "ceiling")
@@ -188,16 +196,17 @@ def main() -> None:
         for which in runs:
             r = spawn(args, which)
             runs[which].append(r)
-            print(f"run {run + 1} ({which}): {r['pairs']} pairs in {r['seconds']:.0f} s = {r['pairs'] / r['seconds']:.3f} pairs/s, "
-                  f"{r['useful_tokens'] / r['seconds']:.1f} useful tok/s, {r['generated_tokens']} tokens generated "
-                  f"({r['generated_tokens'] / r['seconds']:.0f} tok/s, {100 * r['generated_tokens'] / r['seconds'] / limit['ceiling_tokens_per_s']:.0f}% of ceiling), "
+            rate = r["generated_tokens"] / r["seconds"]
+            print(f"run {run + 1} ({which}): {r['pairs']} pairs in {r['seconds']:.0f} s = {r['pairs'] / r['seconds']:.3f} "
+                  f"pairs/s, {r['useful_tokens'] / r['seconds']:.1f} useful tok/s, {r['generated_tokens']} tokens generated "
+                  f"({rate:.0f} tok/s, {100 * rate / limit['ceiling_tokens_per_s']:.0f}% of ceiling), "
                   f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
     med = {w: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for w, rs in runs.items()}
     pps = {w: statistics.median(r["pairs"] / r["seconds"] for r in rs) for w, rs in runs.items()}
     if len(runs) == 1:
         return
     print(f"median pairs/s: (a) {pps['a']:.3f}, (b) {pps['b']:.3f}, ratio (b)/(a) = {pps['b'] / pps['a']:.2f}; "
-          f"peak RSS ratio (b)/(a) = {med['b']['peak_rss_mb'] / med['a']['peak_rss_mb']:.2f}")
+          f"peak RSS ratio (b)/(a) = {med['b']['peak_rss_mb'] / med['a']['peak_rss_mb']:.2f}", flush=True)
 
 
 if __name__ == "__main__":
