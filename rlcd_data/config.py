@@ -90,7 +90,12 @@ class BuildConfig:
     )
     dtype: str = field(
         default="auto",
-        metadata={"help": "Compute dtype. auto = float32 on CPU, the model's own dtype on GPU.", "choices": DTYPES},
+        metadata={
+            "help": "Compute dtype. auto = the model's own dtype on GPU; on CPU bfloat16 where the CPU has native "
+            "bf16 (AVX512-BF16 or AMX) and the model is not quantized, float32 otherwise. The build records what "
+            "auto chose.",
+            "choices": DTYPES,
+        },
     )
     batch_size: int = field(
         default=32,

@@ -103,6 +103,24 @@ def silence_bitsandbytes() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
+def cpu_has_native_bf16() -> bool:
+    """The CPU multiplies bf16 natively (AVX512-BF16 or AMX): bf16 runs faster than fp32 there."""
+    import torch
+
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_dtype(dtype: str, quantization: str) -> str:
+    """The compute dtype ``auto`` stands for on this machine: the model's own on GPU (kept as "auto"),
+    bfloat16 for an unquantized model on a CPU with native bf16, float32 on other CPUs."""
+    import torch
+
+    if dtype != "auto" or torch.cuda.is_available():
+        return dtype
+    return "bfloat16" if quantization in ("auto", "none") and cpu_has_native_bf16() else "float32"
+
+
 def load_causal_lm(name: str, quantization: str = "auto", dtype: str = "auto"):
     """Load model and tokenizer for generation.
 
@@ -120,10 +138,8 @@ def load_causal_lm(name: str, quantization: str = "auto", dtype: str = "auto"):
     cuda = torch.cuda.is_available()
     if quantization == "auto":
         quantization = "8bit" if cuda else "none"
-    if dtype == "auto":
-        torch_dtype = "auto" if cuda else torch.float32
-    else:
-        torch_dtype = getattr(torch, dtype)
+    dtype = resolve_dtype(dtype, quantization)
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     kwargs: dict = {"dtype": torch_dtype}
     if quantization != "none":
         silence_bitsandbytes()

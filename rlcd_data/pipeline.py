@@ -126,6 +126,10 @@ def build(
     from . import output
 
     started = time.monotonic()
+    if generator is None:  # the model is loaded here: record the dtype `auto` stands for on this machine
+        from .models import resolve_dtype
+
+        config = dataclasses.replace(config, dtype=resolve_dtype(config.dtype, config.quantization))
     out = Path(config.output)
     shard = config.shard()
     check_output(out, config.overwrite, config.resume, shard)

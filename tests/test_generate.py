@@ -11,7 +11,8 @@ from rlcd_data.generate import SamplingSettings, TransformersGenerator, request_
 def tiny(tiny_model_dir):
     from rlcd_data.models import load_causal_lm
 
-    model, tokenizer, _ = load_causal_lm(str(tiny_model_dir), quantization="none")
+    # fp32: the exactness checks compare against the model's own forward at fp32 tolerances
+    model, tokenizer, _ = load_causal_lm(str(tiny_model_dir), quantization="none", dtype="float32")
     return model, tokenizer
 
 

@@ -1,4 +1,4 @@
-"""Builds with the embedded SmolLM2-135M-Instruct (fp32 and 8-bit bitsandbytes on CPU)."""
+"""Builds with the embedded SmolLM2-135M-Instruct (fp32, bf16 and 8-bit bitsandbytes on CPU)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from rlcd_data.pipeline import build
 pytestmark = pytest.mark.real_model
 
 
-@pytest.mark.parametrize("quantization", ["none", "8bit"])
-def test_build_harmless_with_smollm2(quantization, tmp_path, hh_dir, smollm2_dir):
+@pytest.mark.parametrize(("quantization", "dtype"), [("none", "float32"), ("none", "bfloat16"), ("8bit", "auto")])
+def test_build_harmless_with_smollm2(quantization, dtype, tmp_path, hh_dir, smollm2_dir):
     import datasets
 
     config = BuildConfig(
@@ -20,6 +20,7 @@ def test_build_harmless_with_smollm2(quantization, tmp_path, hh_dir, smollm2_dir
         limit=3,
         max_new_tokens=160,
         quantization=quantization,
+        dtype=dtype,
         output=str(tmp_path / "out"),
     )
     result = build(config, progress=False)
@@ -33,5 +34,6 @@ def test_build_harmless_with_smollm2(quantization, tmp_path, hh_dir, smollm2_dir
             assert 0 < row[f"{side}_tokens"] <= 160
     card = (tmp_path / "out" / "README.md").read_text()
     assert "SmolLM2-135M-Instruct" in card and f"quantization `{quantization}`" in card
+    assert f"dtype `{'float32' if dtype == 'auto' else dtype}`" in card  # 8-bit on CPU computes in fp32
     if quantization == "8bit":
         assert "bitsandbytes" in card

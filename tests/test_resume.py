@@ -206,3 +206,49 @@ def test_an_interrupt_keeps_the_pairs_completed_in_the_call_under_way(tmp_path, 
     generator = fake_generator()
     build(BuildConfig(**config, resume=True), generator=generator, progress=False)
     assert {p.split("number ")[1][0] for call in generator.requests for p in call} == {"4", "5"}
+
+
+def test_auto_dtype_is_recorded_as_what_it_chose_and_a_resume_choosing_otherwise_is_refused(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """`--dtype auto` is bf16 on a CPU with native bf16, fp32 on another; the build records the choice,
+    so a resume on a machine where auto means something else is refused instead of mixing dtypes."""
+    import torch
+    import yaml
+
+    from rlcd_data import models
+    from rlcd_data.generate import TransformersGenerator
+
+    assert models.resolve_dtype("float32", "none") == "float32"
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
+    assert models.resolve_dtype("auto", "none") == "bfloat16"
+    assert models.resolve_dtype("auto", "8bit") == "float32"  # bitsandbytes' CPU kernels take fp32 inputs
+    config = dict(task="harmless", model=str(tiny_model_dir), prompts=str(prompts_file(tmp_path, n=3)),
+                  output=str(tmp_path / "out"), max_new_tokens=40)
+    loaded = []  # the dtype of each model the builds load
+    load = models.load_causal_lm
+
+    def spy(*args):
+        model, tokenizer, source = load(*args)
+        loaded.append(model.dtype)
+        return model, tokenizer, source
+
+    monkeypatch.setattr(models, "load_causal_lm", spy)
+    generate = TransformersGenerator.generate
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TransformersGenerator, "generate", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        build(BuildConfig(**config), progress=False)
+    monkeypatch.setattr(TransformersGenerator, "generate", generate)
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
+    with pytest.raises(RlcdError, match=r"cannot resume: .*dtype: 'bfloat16' -> 'float32'"):
+        build(BuildConfig(**config, resume=True), progress=False)
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
+    build(BuildConfig(**config, resume=True), progress=False)
+    assert loaded == [torch.bfloat16, torch.bfloat16]
+    out = tmp_path / "out"
+    assert yaml.safe_load((out / "rlcd_build.yaml").read_text())["dtype"] == "bfloat16"
+    assert "dtype `bfloat16`" in (out / "README.md").read_text()
