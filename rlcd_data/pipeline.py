@@ -244,6 +244,7 @@ def _generate_rows(
     clock = time.monotonic()
     call: dict = {"requests": [], "outcomes": {}, "pending": {}, "retried": 0}  # the generate() call under way
     counted: set[int] = set()  # pairs already shown as done on the progress bar
+    shown = {"pairs": -1, "at": clock}  # the bar's last redraw
     ready: list[int] = []  # pairs known complete during a call, not yet written
     written: set[int] = set()
     part = {"number": first_part}
@@ -328,7 +329,13 @@ def _generate_rows(
         elapsed = max(time.monotonic() - clock, 1e-9)
         call["retried"] += len(retries)
         retried = stats.outputs_retried + call["retried"]
-        bar.set_postfix_str(f"{stats.generated_tokens / elapsed:.0f} tok/s, {retried} retried")
+        bar.set_postfix_str(f"{stats.generated_tokens / elapsed:.0f} tok/s, {retried} retried", refresh=False)
+        # Redraw when a pair finished, else at most once a second: not once per decoding step (a log file
+        # would get a line per step).
+        now = time.monotonic()
+        if bar.n != shown["pairs"] or now - shown["at"] >= 1.0:
+            bar.refresh()
+            shown.update(pairs=bar.n, at=now)
         return retries
 
     try:

@@ -211,3 +211,23 @@ def test_no_pairs_is_a_clear_error_and_keeps_an_existing_dataset(tmp_path, fake_
     with pytest.raises(RlcdError, match="no pairs: all 2 examples failed after 1 retries"):
         build(config, generator=never_ends, progress=False)
     assert (out / "data" / "train-00000-of-00001.parquet").read_bytes() == before
+
+
+def test_progress_redraws_per_finished_pair_not_per_decoding_step(tmp_path, fake_generator, capsys):
+    """A build writes its progress to a log file as often as the bar redraws: once per finished pair
+    (or per second), never once per decoding step."""
+
+    class ManySteps(fake_generator):
+        def generate(self, prompts, seeds, settings, on_progress=None):
+            completions = super().generate(prompts, seeds, settings)
+            for i, completion in enumerate(completions):
+                for _ in range(200):  # decoding steps in which nothing finishes
+                    on_progress([], 1)
+                on_progress([(i, completion)], completion.num_tokens)
+            return completions
+
+    config = BuildConfig(task="harmless", prompts=str(prompts_file(tmp_path, 3)), output=str(tmp_path / "out"))
+    build(config, generator=ManySteps(), progress=True)
+    redraws = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if "harmless" in line]
+    assert "3/3" in redraws[-1] and "tok/s" in redraws[-1]
+    assert len(redraws) < 20  # 1200 decoding steps
