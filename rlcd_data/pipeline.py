@@ -531,6 +531,12 @@ def _check_state(path: Path, state: dict) -> None:
     for k, v in state["config"].items():
         if k not in saved["config"] and v == defaults.get(k):
             saved["config"][k] = v
+    # A CPU build started before `auto` was recorded as what it chose saved "auto", which then meant float32.
+    if saved["config"].get("dtype") == "auto" and state["config"].get("dtype") != "auto":
+        import torch
+
+        if not torch.cuda.is_available():
+            saved["config"]["dtype"] = "float32"
     differ = sorted(
         k for k in set(saved["config"]) | set(state["config"]) if saved["config"].get(k) != state["config"].get(k)
     )

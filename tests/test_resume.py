@@ -252,3 +252,36 @@ def test_auto_dtype_is_recorded_as_what_it_chose_and_a_resume_choosing_otherwise
     out = tmp_path / "out"
     assert yaml.safe_load((out / "rlcd_build.yaml").read_text())["dtype"] == "bfloat16"
     assert "dtype `bfloat16`" in (out / "README.md").read_text()
+
+
+def test_a_cpu_build_that_recorded_auto_resumes_as_the_float32_it_ran_in(tmp_path, tiny_model_dir, monkeypatch):
+    """Builds started before `auto` was recorded as what it chose saved "auto" (then float32 on CPU):
+    they resume in float32, and are refused where auto now means bf16."""
+    import json
+
+    from rlcd_data import models
+    from rlcd_data.generate import TransformersGenerator
+    from rlcd_data.pipeline import STAGING, STATE_FILE
+
+    config = dict(task="harmless", model=str(tiny_model_dir), prompts=str(prompts_file(tmp_path, n=3)),
+                  output=str(tmp_path / "out"), max_new_tokens=40)
+    generate = TransformersGenerator.generate
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TransformersGenerator, "generate", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        build(BuildConfig(**config, dtype="float32"), progress=False)
+    monkeypatch.setattr(TransformersGenerator, "generate", generate)
+    state_file = tmp_path / "out" / STAGING / STATE_FILE
+    state = json.loads(state_file.read_text())
+    assert state["config"]["dtype"] == "float32"
+    state["config"]["dtype"] = "auto"  # as an older rlcd-data recorded it
+    state_file.write_text(json.dumps(state))
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
+    with pytest.raises(RlcdError, match=r"cannot resume: .*dtype: 'float32' -> 'bfloat16'"):
+        build(BuildConfig(**config, resume=True), progress=False)
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
+    result = build(BuildConfig(**config, resume=True), progress=False)
+    assert result.stats.pairs > 0
