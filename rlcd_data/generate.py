@@ -38,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import random
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -675,7 +675,10 @@ def _packed_linears(model, batch_size: int):
     """On CPU, the model's plain float linear layers run on oneDNN with their weights packed once into
     its blocked layout (what torch.compile's CPU weight prepacking does). On this kind of CPU that is
     2-3x faster than the default kernel, and it is exact fp32/bf16 arithmetic. The packed copies live
-    only while generating. Anything else (GPU, quantized or hooked layers, no oneDNN) is left as is."""
+    only while generating; meanwhile they stand in for the layers' own weights, which are freed and
+    restored exactly from them afterwards (weights shared with another layer, such as a tied output
+    layer, are kept), so the model is not held twice. Anything else (GPU, quantized or hooked layers,
+    no oneDNN) is left as is."""
     import torch
 
     packed = {}
@@ -687,13 +690,26 @@ def _packed_linears(model, batch_size: int):
                 packed[module] = _packed_forward(weight.detach(), module.bias, batch_size)
         if not all(packed.values()):  # oneDNN cannot run them here
             packed = {}
-    for module, forward in packed.items():
-        module.forward = forward
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    freed = [m for m in packed if uses[id(m.weight)] == 1]
+    with torch.inference_mode(False):
+        for module, forward in packed.items():
+            module.forward = forward
+        for module in freed:
+            module.weight.data = module.weight.new_empty(0)
+        if freed:  # the others may still point into the checkpoint's file mapping: with copies of their
+            for p in model.parameters():  # own, the mapping, and with it the freed weights, is released
+                if p.numel():
+                    p.data = p.data.clone()
     try:
         yield
     finally:
-        for module in packed:
-            del module.forward
+        with torch.inference_mode(False):  # trainable again afterwards
+            for module in freed:
+                module.weight.data = packed[module].weight.to_dense()
+                del module.forward, packed[module]  # one at a time: never two full copies
+            for module in packed:
+                del module.forward
 
 
 def _packed_forward(weight, bias, batch_size: int):
@@ -716,5 +732,6 @@ def _packed_forward(weight, bias, batch_size: int):
             return linear(x.expand(*x.shape[:-2], 2, x.shape[-1]), w, b, "none", [None], "")[..., :1, :]
         return linear(x, w, b, "none", [None], "")  # that a row's result does not depend on its batch
 
+    forward.weight = w
     return forward
 

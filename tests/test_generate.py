@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from rlcd_data.generate import SamplingSettings, TransformersGenerator, request_seed
@@ -327,3 +329,66 @@ def test_packed_linears_are_restored_and_fall_back_together(tiny, monkeypatch):
     with generate._packed_linears(model, 4):
         assert len(calls) == len(linears)
         assert not any("forward" in vars(m) for m in linears)
+
+
+def test_packed_linears_stand_in_for_the_weights_they_copy_and_restore_them_exactly():
+    """While generating, a packed layer's own weight is freed (the packed copy is the only one), unless
+    another layer shares it; afterwards, even after an interrupt, every weight is back bit for bit and
+    trainable."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlcd_data import generate
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch build")
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    q_proj = model.model.layers[0].self_attn.q_proj
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.inference_mode():
+        expected = model(ids).logits
+    for interrupt in (False, True):
+        with contextlib.suppress(KeyboardInterrupt), torch.inference_mode(), generate._packed_linears(model, 4):
+            assert q_proj.weight.numel() == 0  # freed: the packed copy stands in for it
+            assert model.lm_head.weight.shape == (64, 32)  # tied to the embedding: kept
+            torch.testing.assert_close(model(ids).logits, expected)
+            if interrupt:
+                raise KeyboardInterrupt
+        for name, p in model.named_parameters():
+            assert torch.equal(p, before[name]) and not p.is_inference(), name
+    model(ids).logits.sum().backward()
+    assert q_proj.weight.grad.shape == q_proj.weight.shape
+
+
+def test_packed_linears_release_the_checkpoint_file_mapping(tmp_path):
+    """from_pretrained maps the safetensors file into memory and the weights point into it: freeing some
+    of them frees nothing while the rest keep the mapping alive. While generating, no weight does."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlcd_data import generate
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch build")
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    checkpoint = str(tmp_path / "model.safetensors")
+    model = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    def mapped() -> bool:
+        with open("/proc/self/maps") as maps:
+            return any(line.rstrip().endswith(checkpoint) for line in maps)
+
+    if not mapped():
+        pytest.skip("this platform loads the checkpoint without a file mapping")
+    with torch.inference_mode(), generate._packed_linears(model, 4):
+        assert not mapped()
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
