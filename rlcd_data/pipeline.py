@@ -18,7 +18,7 @@ from .generate import Generator, SamplingSettings, request_seed
 from .methods import METHODS, Method, base_row, label_rows, supported
 from .prompts import PromptSet, load_prompts
 from .scorer import Scorer
-from .tasks import ContrastPair, Task, load_task
+from .tasks import COMPARE_FILE, ContrastPair, Task, load_task
 
 STAGING = ".rlcd-build"  # completed pairs land here as the build goes
 # Sampling seeds name p+ and p- as the chosen and rejected sides (as since the first release).
@@ -511,20 +511,30 @@ def _read_parts(staging: Path) -> tuple[list[dict], list[int], int]:
 
 
 def _build_state(config: BuildConfig, task: Task, pairs: list[ContrastPair]) -> dict:
-    """What a build makes, for checking a resume: output fields, task files, prompts."""
-    task_files = sorted(p for p in task.folder.iterdir() if p.is_file() and p.name != "README.md")
-    task_hash = hashlib.sha256(b"".join(p.name.encode() + p.read_bytes() for p in task_files)).hexdigest()
+    """What a build makes, for checking a resume: its output fields, every example's rendered prompts
+    (which the prompt source, templates and descriptor pairs all go into), and for scored methods the
+    labeller's template and instructions. Task files that do not change the output (the README, the
+    comparison template of an unscored method) may be edited while a build is interrupted."""
     prompts = json.dumps([(p.source_index, p.prompt, p.p_plus, p.p_minus) for p in pairs])
+    labeller = None
+    if METHODS[config.method].scored:
+        compare = (task.folder / COMPARE_FILE).read_text()
+        labeller = json.dumps([compare, task.instructions, task.scorer_version])
     return {
         "config": config.output_fields(),
-        "templates": task_hash,
         "prompts": hashlib.sha256(prompts.encode()).hexdigest(),
+        "labeller": labeller and hashlib.sha256(labeller.encode()).hexdigest(),
     }
 
 
-def _check_state(path: Path, state: dict) -> None:
-    import dataclasses
+# What each checked part of a build's state stands for, in a refused resume's message.
+STATE_PARTS = {
+    "prompts": "rendered prompts (prompt source, templates or descriptor pairs)",
+    "labeller": f"labeller ({COMPARE_FILE} or the scorer instructions)",
+}
 
+
+def _check_state(path: Path, state: dict) -> None:
     saved = json.loads(path.read_text())
     # A field added since the interrupted build was started counts as unchanged at its default.
     defaults = {f.name: f.default for f in dataclasses.fields(BuildConfig)}
@@ -537,13 +547,14 @@ def _check_state(path: Path, state: dict) -> None:
 
         if not torch.cuda.is_available():
             saved["config"]["dtype"] = "float32"
-    differ = sorted(
-        k for k in set(saved["config"]) | set(state["config"]) if saved["config"].get(k) != state["config"].get(k)
-    )
-    differ += [k for k in ("templates", "prompts") if saved[k] != state[k]]
+    differ = [
+        f"{k}: {saved['config'].get(k)!r} -> {state['config'].get(k)!r}"
+        for k in sorted(set(saved["config"]) | set(state["config"]))
+        if saved["config"].get(k) != state["config"].get(k)
+    ]
+    # A state written before the labeller was recorded separately (it hashed every task file instead)
+    # is checked on its configuration and prompts.
+    differ += [what for k, what in STATE_PARTS.items() if k in saved and saved[k] != state[k]]
     if differ:
-        details = ", ".join(
-            f"{k}: {saved['config'].get(k)!r} -> {state['config'].get(k)!r}" if k in state["config"] else k
-            for k in differ
-        )
+        details = ", ".join(differ)
         raise RlcdError(f"cannot resume: the configuration differs from the interrupted build ({details})")

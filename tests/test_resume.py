@@ -26,7 +26,7 @@ def prompts_file(tmp_path, n=6):
     return path
 
 
-def interrupted_build(tmp_path, fake_generator, **overrides):
+def interrupted_build(tmp_path, fake_generator, scorer=None, **overrides):
     def respond(prompt, n):
         if "Question number 4?" in prompt:
             raise KeyboardInterrupt
@@ -35,8 +35,8 @@ def interrupted_build(tmp_path, fake_generator, **overrides):
     config = dict(task="harmless", prompts=str(prompts_file(tmp_path)), output=str(tmp_path / "out"), batch_size=1)
     # The generator reports each output as it finishes: pairs 0-3 are written before the interrupt.
     with pytest.raises(KeyboardInterrupt):
-        build(BuildConfig(**{**config, **overrides}), generator=QueueGenerator(respond), progress=False)
-    return config
+        build(BuildConfig(**{**config, **overrides}), generator=QueueGenerator(respond), scorer=scorer, progress=False)
+    return {**config, **overrides}
 
 
 def test_resume_generates_only_what_is_missing(tmp_path, fake_generator):
@@ -72,6 +72,51 @@ def test_resume_with_a_different_configuration_is_refused(tmp_path, fake_generat
         build(BuildConfig(**{**config, "templates": str(root)}, resume=True), generator=fake_generator(), progress=False)
     # a different batch size is fine: it does not change what is built
     build(BuildConfig(**{**config, "batch_size": 8}, resume=True), generator=fake_generator(), progress=False)
+
+
+class EvenScorer:
+    """A labeller with no preference."""
+
+    def first_option_probability(self, prompts):
+        return [0.5] * len(prompts)
+
+
+def edit(path, old, new):
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+
+
+def test_resume_checks_the_task_files_the_method_uses(tmp_path, fake_generator):
+    root = tmp_path / "templates"
+    shutil.copytree(list_tasks()["harmless"], root / "harmless")
+    task = root / "harmless"
+    config = interrupted_build(tmp_path, fake_generator, templates=str(root))
+    # Neither the README nor the labeller's template changes what an rlcd build makes.
+    edit(task / "README.md", "RLCD", "RLCD (edited)")
+    edit(task / "compare.jinja", "The answer is: (", "Answer now.\nThe answer is: (")
+    edit(task / "task.yaml", "scorer:", "# a comment\nscorer:")
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "out", tmp_path / "resumed" / "out")
+    result = build(BuildConfig(**{**config, "output": str(tmp_path / "resumed" / "out")}, resume=True),
+                   generator=fake_generator(), progress=False)
+    assert result.stats.pairs == 6
+    # A template the prompts are rendered from does.
+    edit(task / "p_plus.jinja", "Assistant (", "Assistant [(")
+    with pytest.raises(RlcdError, match=r"cannot resume: .*\(rendered prompts \(prompt source, templates"):
+        build(BuildConfig(**config, resume=True), generator=fake_generator(), progress=False)
+
+
+def test_resume_of_a_scored_build_checks_its_labeller(tmp_path, fake_generator):
+    root = tmp_path / "templates"
+    shutil.copytree(list_tasks()["harmless"], root / "harmless")
+    config = interrupted_build(tmp_path, fake_generator, EvenScorer(), templates=str(root), method="rlcd-rescore")
+    edit(root / "harmless" / "compare.jinja", "The answer is: (", "Answer now.\nThe answer is: (")
+    with pytest.raises(RlcdError, match=r"cannot resume: .*\(labeller \(compare.jinja or the scorer instructions"):
+        build(BuildConfig(**config, resume=True), generator=fake_generator(), scorer=EvenScorer(), progress=False)
+    edit(root / "harmless" / "compare.jinja", "Answer now.\nThe answer is: (", "The answer is: (")
+    result = build(BuildConfig(**config, resume=True), generator=fake_generator(), scorer=EvenScorer(), progress=False)
+    assert result.stats.pairs == 6
 
 
 def test_resume_needs_an_interrupted_build(tmp_path, fake_generator):
