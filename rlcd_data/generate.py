@@ -224,11 +224,11 @@ class TransformersGenerator:
             input_ids=input_ids.to(device),
             attention_mask=mask.to(device),
             position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, past:].to(device),
-            past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
-        )
-        return _Part(layers=out.past_key_values.layers, mask=mask.to(device), logits=out.logits[:, -1].float(), prompts=list(prompts))
+            **{_cache_argument(self.model): cache},
+        )  # the model fills `cache` in place
+        return _Part(layers=cache.layers, mask=mask.to(device), logits=out.logits[:, -1].float(), prompts=list(prompts))
 
     def _prefill_prefixes(self, todo: list[tuple]) -> dict[tuple, list[tuple]]:
         """Key/value states of each prefix, [1, heads, length, dim] per layer, without padding."""
@@ -582,10 +582,23 @@ class _Batch:
             input_ids=last,
             attention_mask=cache.placeholder_mask,
             position_ids=torch.cat([c.mask.sum(-1, keepdim=True) - 1 for c in self.cohorts]),
-            past_key_values=cache,
             use_cache=True,
+            **{_cache_argument(model): cache},
         )
         self.logits = out.logits[:, -1].float()
+
+
+@functools.cache
+def _cache_argument_of(forward) -> str:
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def _cache_argument(model) -> str:
+    """The name of the forward's key/value cache argument: ``past_key_values`` until transformers renamed it
+    ``cache`` (the old name is accepted with a warning until 5.40)."""
+    return _cache_argument_of(type(model).forward)
 
 
 class _Ragged:
