@@ -7,7 +7,7 @@ Each generator runs in its own process on the same prompts, model and settings:
 
 (a) released-loop baseline: p+ and p- as separate queue entries in input order, fixed batches of 16,
     left padding, every batch decoded until all its rows end or reach max_new_tokens (no stop string),
-    the paper's post-hoc cut, failed outputs re-queued up to 5 times, again in batches of 16;
+    backslash and backtick tokens banned, the paper's post-hoc cut, failed outputs re-queued up to 5 times, again in batches of 16;
 (b) `rlcd-data build`'s generator (length-sorted, continuously refilled batch, per-row stop).
 
 Reports completed pairs per second, useful tokens per second (tokens kept after the cut), tokens
@@ -53,10 +53,13 @@ def run_baseline(args) -> dict:
     """(a) The released loop's behaviour."""
     import torch
 
+    from rlcd_data.config import BuildConfig
     from rlcd_data.conversation import extract_response
+    from rlcd_data.generate import banned_token_ids
 
     model, tok, _ = load(args)
     pairs = contrast_pairs(args)
+    banned = banned_token_ids(tok, BuildConfig(task="harmless").banned_characters)  # the paper's, as (b) bans
     queue = [(i, side, 0) for i in range(len(pairs)) for side in ("chosen", "rejected")]
     responses, failed, generated = {}, set(), 0
     start = time.perf_counter()
@@ -69,7 +72,8 @@ def run_baseline(args) -> dict:
             enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
             with torch.inference_mode():
                 out = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                                     max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id)
+                                     max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id,
+                                     suppress_tokens=banned)
             new = out[:, enc["input_ids"].shape[1]:]
             generated += new.numel()  # every row runs as long as the batch does
             for (i, side, attempt), ids in zip(batch, new.tolist()):

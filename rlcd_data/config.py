@@ -103,6 +103,13 @@ class BuildConfig:
     )
     max_new_tokens: int = field(default=300, metadata={"help": "Token limit per response (the paper's 300)."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (the paper's 1.0)."})
+    banned_characters: str = field(
+        default="\\`",
+        metadata={
+            "help": "Tokens whose text contains any of these characters are never sampled (the paper bans "
+            "backslashes and backticks). '' bans none."
+        },
+    )
     max_retries: int = field(
         default=5,
         metadata={"help": "Re-generations of a failed output before its example is dropped (the paper's 5)."},

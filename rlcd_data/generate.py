@@ -54,6 +54,7 @@ STOP_WINDOW = 8
 class SamplingSettings:
     max_new_tokens: int = 300
     temperature: float = 1.0
+    banned_characters: str = "\\`"  # tokens containing any of these are never sampled (the paper's)
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,15 @@ class Completion:
 # more requests, (prompt, seed) pairs (e.g. the retry of a failed output), which the call runs
 # too: they take the next indices, and their completions are appended to the call's result.
 ProgressCallback = Callable[[list[tuple[int, "Completion"]], int], "Sequence[tuple[str, int]] | None"]
+
+
+def banned_token_ids(tokenizer, characters: str) -> list[int]:
+    """Ids of the tokens whose text contains any of ``characters`` (special tokens are never banned)."""
+    if not characters:
+        return []
+    special = set(tokenizer.all_special_ids)
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    return [i for i, text in enumerate(texts) if i not in special and any(c in text for c in characters)]
 
 
 def request_seed(*parts: object) -> int:
@@ -111,6 +121,7 @@ class TransformersGenerator:
             if getattr(config, name, None):
                 raise RlcdError(f"{self.description}: its attention uses {name}, which the generator does not support")
         self.window = getattr(config, "sliding_window", None)
+        self._banned: dict[str, object] = {}  # banned characters -> token ids (a tensor)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -126,6 +137,10 @@ class TransformersGenerator:
 
         encoded = [tuple(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
         seeds = list(seeds)
+        if settings.banned_characters not in self._banned:
+            ids = banned_token_ids(self.tokenizer, settings.banned_characters)
+            self._banned[settings.banned_characters] = torch.tensor(ids, dtype=torch.long, device=self.model.device)
+        banned = self._banned[settings.banned_characters]
         # Shared prefill states put padding inside rows (up to a prompt's length) and a sliding window
         # counts columns: share only if no row, padding included, can outgrow the window (then it hides
         # nothing). Requests added during the call are retries of these prompts.
@@ -144,7 +159,7 @@ class TransformersGenerator:
                     new = [queue.popleft() for _ in range(min(self.batch_size - active, len(queue)))]
                     ids, row_seeds = [encoded[i] for i in new], [seeds[i] for i in new]
                     batch = self._admit(batch or _Batch(window), new, ids, row_seeds, prefixes)
-                done = batch.sample(settings, self.tokenizer)
+                done = batch.sample(settings, self.tokenizer, banned)
                 for i, completion in done:
                     results[i] = completion
                 more = on_progress(done, batch.active) if on_progress else None  # one new token per live row
@@ -526,13 +541,15 @@ class _Batch:
         i, j = min(pairs, key=lambda ij: waste(self.cohorts[ij[0]], self.cohorts[ij[1]]))
         self.cohorts[i].merge(self.cohorts.pop(j))
 
-    def sample(self, settings: SamplingSettings, tokenizer) -> list[tuple[int, Completion]]:
-        """Sample one token per row; return the rows that finished, with their completions."""
+    def sample(self, settings: SamplingSettings, tokenizer, banned) -> list[tuple[int, Completion]]:
+        """Sample one token per row, never one of ``banned`` (token ids); return the rows that finished,
+        with their completions."""
         import torch
 
+        logits = (self.logits / settings.temperature).index_fill_(1, banned, float("-inf"))
         # Inverse-CDF sampling: one uniform draw per row from that row's own generator,
         # then one batched search (torch.multinomial per row costs ~1 ms each).
-        probs = torch.softmax(self.logits / settings.temperature, dim=-1).cpu()
+        probs = torch.softmax(logits, dim=-1).cpu()
         cdf = probs.cumsum_(dim=-1)
         u = torch.cat([torch.rand(1, generator=g) for g in self.generators]) * cdf[:, -1]
         tokens = torch.searchsorted(cdf, u[:, None]).clamp_(max=cdf.shape[1] - 1)[:, 0].tolist()

@@ -230,7 +230,7 @@ def _generate_rows(
     from tqdm.auto import tqdm
 
     sides = method.sides
-    settings = SamplingSettings(config.max_new_tokens, config.temperature)
+    settings = SamplingSettings(config.max_new_tokens, config.temperature, config.banned_characters)
     chunk = 64 * config.batch_size  # pairs per generate() call
     responses: dict[tuple[int, str], str] = {}
     next_attempt: dict[tuple[int, str], int] = {}  # outputs still pending -> first attempt not yet tried

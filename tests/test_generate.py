@@ -83,8 +83,10 @@ def test_shared_prefix_is_prefilled_once_and_changes_no_output(tiny, monkeypatch
 def test_sequences_stop_at_eos_or_limit_and_progress_counts_tokens(tiny):
     model, tokenizer = tiny
     seen = []
+    # Nothing banned: the re-tokenization bound below holds for this random token stream, not for every one.
     completions = TransformersGenerator(model, tokenizer, batch_size=3).generate(
-        PROMPTS[1:] * 4, list(range(20)), SamplingSettings(max_new_tokens=12), lambda done, tokens: seen.append((done, tokens))
+        PROMPTS[1:] * 4, list(range(20)), SamplingSettings(max_new_tokens=12, banned_characters=""),
+        lambda done, tokens: seen.append((done, tokens)),
     )
     assert sorted(i for done, _ in seen for i, _ in done) == list(range(20))
     assert all(completions[i] == c for done, _ in seen for i, c in done)
@@ -95,6 +97,20 @@ def test_sequences_stop_at_eos_or_limit_and_progress_counts_tokens(tiny):
     assert all(c.num_tokens == 12 for c in completions if not c.ended and "Human" not in c.text)
     for c in completions:
         assert len(tokenizer(c.text, add_special_tokens=False)["input_ids"]) <= c.num_tokens + 2
+
+
+def test_tokens_with_banned_characters_are_never_sampled(tiny):
+    from rlcd_data.generate import banned_token_ids
+
+    model, tokenizer = tiny
+    banned = banned_token_ids(tokenizer, "ea")
+    assert banned and tokenizer.eos_token_id not in banned
+    assert all("e" in t or "a" in t for t in tokenizer.batch_decode([[i] for i in banned]))
+    generator = TransformersGenerator(model, tokenizer, batch_size=4)
+    free = generator.generate(PROMPTS * 2, list(range(12)), SamplingSettings(max_new_tokens=20, banned_characters=""))
+    assert any("e" in c.text or "a" in c.text for c in free)  # the random model writes them unless banned
+    for c in generator.generate(PROMPTS * 2, list(range(12)), SamplingSettings(max_new_tokens=20, banned_characters="ea")):
+        assert "e" not in c.text and "a" not in c.text and c.num_tokens >= 1
 
 
 def test_stop_string_ends_a_sequence(tiny):
@@ -173,10 +189,10 @@ def assert_decoding_matches_plain_forward(model, tokenizer, prompts, monkeypatch
     padded = []  # decoding steps where a cohort held left padding
     sample = generate._Batch.sample
 
-    def spy(self, settings, tok):
+    def spy(self, settings, tok, banned):
         padded.append(any(bool((c.mask == 0).any()) for c in self.cohorts))
         seen.extend((r, tuple(ids), logits.clone()) for r, ids, logits in zip(self.rows, self.generated, self.logits))
-        return sample(self, settings, tok)
+        return sample(self, settings, tok, banned)
 
     monkeypatch.setattr(generate._Batch, "sample", spy)
     TransformersGenerator(model, tokenizer, batch_size=6, refill_at=0.5).generate(
