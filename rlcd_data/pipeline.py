@@ -527,6 +527,8 @@ def _build_state(config: BuildConfig, task: Task, pairs: list[ContrastPair]) -> 
     }
 
 
+# What builds did before a field existed, where that is not the field's default.
+BEFORE_FIELD = {"banned_characters": ""}
 # What each checked part of a build's state stands for, in a refused resume's message.
 STATE_PARTS = {
     "prompts": "rendered prompts (prompt source, templates or descriptor pairs)",
@@ -536,11 +538,10 @@ STATE_PARTS = {
 
 def _check_state(path: Path, state: dict) -> None:
     saved = json.loads(path.read_text())
-    # A field added since the interrupted build was started counts as unchanged at its default.
+    # A field added since the interrupted build was started has the value builds had before it existed.
     defaults = {f.name: f.default for f in dataclasses.fields(BuildConfig)}
-    for k, v in state["config"].items():
-        if k not in saved["config"] and v == defaults.get(k):
-            saved["config"][k] = v
+    for k in state["config"]:
+        saved["config"].setdefault(k, BEFORE_FIELD.get(k, defaults.get(k)))
     # A CPU build started before `auto` was recorded as what it chose saved "auto", which then meant float32.
     if saved["config"].get("dtype") == "auto" and state["config"].get("dtype") != "auto":
         import torch

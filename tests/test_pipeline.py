@@ -114,7 +114,8 @@ def test_output_folder_is_a_hub_dataset_repo(tmp_path, fake_generator):
     assert info["download_size"] == sum(p.stat().st_size for p in (out / "data").iterdir())
     text = card.text
     for needed in ("harmless, helpful response", "arxiv.org/abs/2307.12950", "load_dataset", "RewardTrainer", "@inproceedings",
-                   "rlcd-data build --config rlcd_build.yaml", "template version 1", "temperature 1.0"):
+                   "rlcd-data build --config rlcd_build.yaml", "template version 1", "temperature 1.0",
+                   "no token containing `` \\ `` or `` ` `` sampled"):
         assert needed in text, needed
 
     saved = read_config_file(out / "rlcd_build.yaml")

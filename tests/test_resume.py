@@ -119,6 +119,18 @@ def test_resume_of_a_scored_build_checks_its_labeller(tmp_path, fake_generator):
     assert result.stats.pairs == 6
 
 
+def test_a_build_from_before_token_bans_resumes_without_them(tmp_path, fake_generator):
+    config = interrupted_build(tmp_path, fake_generator)
+    state_file = tmp_path / "out" / ".rlcd-build" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["banned_characters"]  # as written before the field existed
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(RlcdError, match=r"cannot resume: .*banned_characters: '' -> '\\\\`'"):
+        build(BuildConfig(**config, resume=True), generator=fake_generator(), progress=False)
+    result = build(BuildConfig(**config, banned_characters="", resume=True), generator=fake_generator(), progress=False)
+    assert result.stats.pairs == 6
+
+
 def test_resume_needs_an_interrupted_build(tmp_path, fake_generator):
     with pytest.raises(RlcdError, match="nothing to resume"):
         build(BuildConfig(task="harmless", output=str(tmp_path / "none"), resume=True), generator=fake_generator())
