@@ -53,13 +53,12 @@ def run_baseline(args) -> dict:
     """(a) The released loop's behaviour."""
     import torch
 
-    from rlcd_data.config import BuildConfig
     from rlcd_data.conversation import extract_response
-    from rlcd_data.generate import banned_token_ids
+    from rlcd_data.generate import PAPER_BANNED_CHARACTERS, banned_token_ids
 
     model, tok, _ = load(args)
     pairs = contrast_pairs(args)
-    banned = banned_token_ids(tok, BuildConfig(task="harmless").banned_characters)  # the paper's, as (b) bans
+    banned = banned_token_ids(tok, PAPER_BANNED_CHARACTERS)  # as (b) bans them
     queue = [(i, side, 0) for i in range(len(pairs)) for side in ("chosen", "rejected")]
     responses, failed, generated = {}, set(), 0
     start = time.perf_counter()

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from .errors import RlcdError
+from .generate import PAPER_BANNED_CHARACTERS
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 CONFIG_FILENAME = "rlcd_build.yaml"
@@ -104,7 +105,7 @@ class BuildConfig:
     max_new_tokens: int = field(default=300, metadata={"help": "Token limit per response (the paper's 300)."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (the paper's 1.0)."})
     banned_characters: str = field(
-        default="\\`",
+        default=PAPER_BANNED_CHARACTERS,
         metadata={
             "help": "Tokens whose text contains any of these characters are never sampled (the paper bans "
             "backslashes and backticks). '' bans none."

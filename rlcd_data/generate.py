@@ -48,13 +48,15 @@ from .errors import RlcdError
 
 # Tokens decoded at each step to look for a stop string; longer than any stop string.
 STOP_WINDOW = 8
+# Tokens containing any of these characters are never sampled: the paper banned backslashes and backticks.
+PAPER_BANNED_CHARACTERS = "\\`"
 
 
 @dataclass(frozen=True)
 class SamplingSettings:
     max_new_tokens: int = 300
     temperature: float = 1.0
-    banned_characters: str = "\\`"  # tokens containing any of these are never sampled (the paper's)
+    banned_characters: str = PAPER_BANNED_CHARACTERS
 
 
 @dataclass(frozen=True)
@@ -241,7 +243,7 @@ class TransformersGenerator:
             position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, past:].to(device),
             use_cache=True,
             logits_to_keep=1,
-            **{_cache_argument(self.model): cache},
+            **{_cache_argument(type(self.model)): cache},
         )  # the model fills `cache` in place
         return _Part(layers=cache.layers, mask=mask.to(device), logits=out.logits[:, -1].float(), prompts=list(prompts))
 
@@ -600,22 +602,18 @@ class _Batch:
             attention_mask=cache.placeholder_mask,
             position_ids=torch.cat([c.mask.sum(-1, keepdim=True) - 1 for c in self.cohorts]),
             use_cache=True,
-            **{_cache_argument(model): cache},
+            **{_cache_argument(type(model)): cache},
         )
         self.logits = out.logits[:, -1].float()
 
 
 @functools.cache
-def _cache_argument_of(forward) -> str:
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
-
-
-def _cache_argument(model) -> str:
+def _cache_argument(model_class) -> str:
     """The name of the forward's key/value cache argument: ``past_key_values`` until transformers renamed it
     ``cache`` (the old name is accepted with a warning until 5.40)."""
-    return _cache_argument_of(type(model).forward)
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 class _Ragged:
