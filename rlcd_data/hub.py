@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .config import CONFIG_FILENAME, read_config_file
 from .errors import RlcdError
+from .plots import IMAGES
 
 LOGIN_HINT = "pass --token, set HF_TOKEN, or log in with `hf auth login`"
 # Card metadata the build computes; everything else an owner put on the Hub card survives a push.
@@ -35,10 +36,10 @@ def push(
     token: str | None = None,
     endpoint: str | None = None,
 ) -> PushResult:
-    """Upload a folder written by `build` (data, card, build config) to a Hub dataset repo in one commit.
+    """Upload a folder written by `build` (data, card, its plots, build config) to a Hub dataset repo in one commit.
 
-    The repo is created if missing. Data files the repo has under ``data/``
-    that the folder does not are deleted in the same commit, so a new build
+    The repo is created if missing. Files the repo has under ``data/`` or
+    ``images/`` that the folder does not are deleted in the same commit, so a new build
     replaces the old one. The card's ``configs``/``dataset_info`` come from
     the build; other metadata already on the Hub card (extra tags, a licence
     set by hand) is kept.
@@ -79,7 +80,7 @@ def _build_files(folder: Path) -> list[Path]:
     data = sorted((folder / "data").glob("*.parquet"))
     if not data:
         raise RlcdError(f"{folder}/data: no Parquet files")
-    return data
+    return data + sorted((folder / IMAGES).glob("*.png"))  # the card's plots
 
 
 def _resolve_token(token: str | None) -> str:
@@ -113,12 +114,13 @@ def _push(folder, files, repo_id, private, revision, commit_message, token, endp
         api.create_branch(repo_id, repo_type="dataset", branch=revision, exist_ok=True)
     existing = set(api.list_repo_files(repo_id, repo_type="dataset", revision=revision))
     card = _merged_card(api, folder, repo_id, revision, "README.md" in existing)
-    new_paths = {f"data/{p.name}" for p in files}
-    operations = [CommitOperationAdd(f"data/{p.name}", str(p)) for p in files]
+    new_paths = {p.relative_to(folder).as_posix() for p in files}
+    operations = [CommitOperationAdd(path, str(folder / path)) for path in sorted(new_paths)]
     operations.append(CommitOperationAdd(CONFIG_FILENAME, str(folder / CONFIG_FILENAME)))
     operations.append(CommitOperationAdd("README.md", str(card).encode()))
     operations += [
-        CommitOperationDelete(path) for path in sorted(existing) if path.startswith("data/") and path not in new_paths
+        CommitOperationDelete(path) for path in sorted(existing)
+        if path.startswith(("data/", f"{IMAGES}/")) and path not in new_paths
     ]
     commit = api.create_commit(
         repo_id,

@@ -27,6 +27,11 @@ class Method:
     scored: bool  # labelled by the simulator's A/B preference
     labels: str  # for the card
 
+    @property
+    def writes_pairs(self) -> bool:
+        """Whether the rows are chosen/rejected pairs (context distillation writes completions)."""
+        return len(self.sides) == 2
+
     def request_text(self, pair: ContrastPair, side: str) -> str:
         if side == "p_plus":
             return pair.p_plus

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from .config import CONFIG_FILENAME, BuildConfig
 from .methods import METHODS
+from .plots import IMAGES, write_report_plots
 from .conversation import as_completion, to_messages
 from .tasks import JINJA, Task
 from .resources import resource_dir
@@ -125,6 +126,7 @@ def write_dataset_folder(
         split.to_parquet(staging / "data" / f"{name}-00000-of-00001.parquet")
         nbytes[name] = split.data.nbytes
     download_size = sum(p.stat().st_size for p in (staging / "data").iterdir())
+    quality_section = quality_report(dataset, staging, config) if METHODS[config.method].writes_pairs else ""
     card = render_card(
         config=config,
         task=task,
@@ -135,17 +137,30 @@ def write_dataset_folder(
         example=rows[0] if rows else None,
         dataset_ref=str(out),
         rows=rows,
+        quality_section=quality_section,
     )
     card.save(staging / "README.md")
     (staging / CONFIG_FILENAME).write_text(config.to_yaml())
 
-    # Swap in: data folder, card, config. Files of other names are left alone.
-    if (out / "data").exists():
-        shutil.rmtree(out / "data")
+    # Swap in: data and images folders, card, config. Files of other names are left alone.
+    for folder in ("data", IMAGES):
+        if (out / folder).exists():
+            shutil.rmtree(out / folder)
     for item in sorted(staging.iterdir()):
         item.replace(out / item.name)
     shutil.rmtree(out / ".rlcd-build")
     return {name: len(split) for name, split in splits.items()}
+
+
+def quality_report(dataset, folder: Path, config: BuildConfig) -> str:
+    """The model-free quality report of the pairs: plots under ``folder/images/``, the card section returned."""
+    from .quality import pair_data, report, verdicts
+    from .report import card_section
+
+    data = pair_data(dataset, max_new_tokens=config.max_new_tokens)
+    result = report(data, seed=config.seed)
+    result["verdicts"] = verdicts(result)
+    return card_section(result, write_report_plots(data, folder))
 
 
 def render_card(
@@ -159,6 +174,7 @@ def render_card(
     example: dict | None,
     dataset_ref: str,
     rows: list[dict] | None = None,
+    quality_section: str = "",
 ):
     """The dataset card: Hub YAML metadata (with `configs` and `dataset_info`) and a body from ``cards/``.
 
@@ -205,6 +221,7 @@ def render_card(
         command=build_command(config),
         method=METHODS[config.method],
         labels=label_summary(rows),
+        quality=quality_section,
     )
     return DatasetCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
 

@@ -33,6 +33,8 @@ def load_table(source: str | Path, split: str = "train"):
     import datasets
 
     path = Path(source).expanduser()
+    quiet = not datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # "Generating train split" bars are noise around our own output
     try:
         if path.is_dir():
             if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
@@ -57,6 +59,9 @@ def load_table(source: str | Path, split: str = "train"):
         raise RlcdError(f"{source}: {str(e).splitlines()[0]}") from None
     except (FileNotFoundError, ConnectionError, OSError) as e:
         raise RlcdError(f"cannot load {source!r}: {str(e).splitlines()[0]}") from None
+    finally:
+        if not quiet:
+            datasets.enable_progress_bars()
 
 
 def load_pairs(source: str | Path, split: str = "train", limit: int | None = None):

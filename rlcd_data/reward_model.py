@@ -50,7 +50,7 @@ class RewardScorer:
         Raises:
             RlcdError: not a model folder, or not a one-output classifier.
         """
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
         from .models import resolve_model
 
@@ -59,6 +59,10 @@ class RewardScorer:
             tokenizer = AutoTokenizer.from_pretrained(source.path)
             # a LoRA adapter folder (quantized-base training) loads onto its base with peft
             adapter = (Path(source.path) / "adapter_config.json").is_file()
+            if not adapter:  # refuse a language model or a classifier before loading its weights
+                labels = AutoConfig.from_pretrained(source.path).num_labels
+                if labels != 1:
+                    raise RlcdError(f"{path}: a reward model has one output, this one has {labels}")
             extra = {"num_labels": 1} if adapter else {}
             model = AutoModelForSequenceClassification.from_pretrained(source.path, **extra)
         except OSError as e:

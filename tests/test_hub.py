@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -59,8 +60,12 @@ def test_push_uploads_data_card_and_config_in_one_commit(hub, tmp_path, fake_gen
     assert create["visibility"] == "private" and create["type"] == "dataset"
     files = hub.repos["alice/rlcd-harmless"]
     assert sorted(files) == [
-        "README.md", "data/test-00000-of-00001.parquet", "data/train-00000-of-00001.parquet", "rlcd_build.yaml"
+        "README.md", "data/test-00000-of-00001.parquet", "data/train-00000-of-00001.parquet",
+        "images/descriptors.png", "images/lengths.png", "rlcd_build.yaml",
     ]
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", files["README.md"].decode())
+    assert sorted(links) == ["images/descriptors.png", "images/lengths.png"]  # the card's plots resolve on the Hub
+    assert files["images/lengths.png"] == (folder / "images/lengths.png").read_bytes()
     assert files["data/train-00000-of-00001.parquet"] == (folder / "data/train-00000-of-00001.parquet").read_bytes()
     assert files["rlcd_build.yaml"] == (folder / "rlcd_build.yaml").read_bytes()
     meta = card_yaml(hub, "alice/rlcd-harmless")
@@ -87,11 +92,15 @@ def test_second_push_replaces_data_and_keeps_hand_made_metadata(hub, tmp_path, f
 
     push(folder, "alice/ds", token=TOKEN, endpoint=hub.endpoint)  # same folder again: same files
     assert sorted(hub.repos["alice/ds"]) == [
-        "README.md", "data/test-00000-of-00001.parquet", "data/train-00000-of-00001.parquet", "rlcd_build.yaml"
+        "README.md", "data/test-00000-of-00001.parquet", "data/train-00000-of-00001.parquet",
+        "images/descriptors.png", "images/lengths.png", "rlcd_build.yaml",
     ]
     smaller = built(tmp_path, fake_generator, n=3, name="new")  # a new build without a test split
+    (smaller / "images" / "descriptors.png").unlink()  # ... and with one plot fewer
     push(smaller, "alice/ds", token=TOKEN, endpoint=hub.endpoint)
-    assert sorted(hub.repos["alice/ds"]) == ["README.md", "data/train-00000-of-00001.parquet", "rlcd_build.yaml"]
+    assert sorted(hub.repos["alice/ds"]) == [
+        "README.md", "data/train-00000-of-00001.parquet", "images/lengths.png", "rlcd_build.yaml"
+    ]
     meta = card_yaml(hub, "alice/ds")
     assert meta["license"] == "cc-by-4.0" and "my-own-tag" in meta["tags"] and "rlcd" in meta["tags"]
     assert [s["name"] for s in meta["dataset_info"]["splits"]] == ["train"]

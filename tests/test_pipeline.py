@@ -88,7 +88,7 @@ def test_output_folder_is_a_hub_dataset_repo(tmp_path, fake_generator):
     out = tmp_path / "out"
     config = BuildConfig(task="harmless", prompts=str(prompts_file(tmp_path, 10)), output=str(out), test_size=0.2)
     build(config, generator=fake_generator(), progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "data", "rlcd_build.yaml"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "data", "images", "rlcd_build.yaml"]
     assert sorted(p.name for p in (out / "data").iterdir()) == [
         "test-00000-of-00001.parquet",
         "train-00000-of-00001.parquet",

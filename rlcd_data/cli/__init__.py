@@ -6,10 +6,13 @@ import argparse
 import sys
 
 from ..errors import RlcdError
-from . import build, ls, merge, preview, push, train
+from . import build, compare, inspect, ls, merge, preview, push, train
 from . import eval as eval_
 
-COMMANDS = {"build": build, "push": push, "preview": preview, "ls": ls, "merge": merge, "train": train, "eval": eval_}
+COMMANDS = {
+    "build": build, "push": push, "preview": preview, "ls": ls, "merge": merge, "train": train, "eval": eval_,
+    "inspect": inspect, "compare": compare,
+}
 
 
 class Parser(argparse.ArgumentParser):

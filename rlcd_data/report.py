@@ -1,0 +1,191 @@
+"""`inspect` and `compare`: the quality report of pair datasets, as a table, JSON, card section and plots.
+
+    from rlcd_data.report import inspect_dataset
+    result = inspect_dataset("out/harmless", judge="out/judge-rm", write_card=True)
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from . import quality
+from .errors import RlcdError
+
+CARD_TEMPLATE = "quality.md"
+BEGIN, END = "<!-- rlcd-data:quality -->", "<!-- /rlcd-data:quality -->"
+_SECTION = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.DOTALL)
+
+
+def load(source: str, split: str = "train", limit: int | None = None):
+    """(table, PairData) for any pair source; a build folder's token limit comes from its config."""
+    from .config import CONFIG_FILENAME, read_config_file
+    from .pairs import load_pairs
+
+    table = load_pairs(source, split, limit)
+    if len(table) == 0:
+        raise RlcdError(f"{source}: no pairs")
+    config = Path(source) / CONFIG_FILENAME
+    max_new_tokens = read_config_file(config).get("max_new_tokens") if config.is_file() else None
+    return table, quality.pair_data(table, max_new_tokens=max_new_tokens)
+
+
+def inspect_dataset(
+    source: str,
+    *,
+    split: str = "train",
+    limit: int | None = None,
+    threshold: float = quality.NEAR_IDENTICAL,
+    folds: int = quality.FOLDS,
+    judge: str | None = None,
+    reward_model_separability: bool = False,
+    write_card: bool = False,
+) -> dict:
+    """The quality report of one pair dataset.
+
+    Args:
+        judge: a reward model folder; adds its agreement with the labels.
+        reward_model_separability: also run the k-fold reward-model figure (trains ``folds`` MiniLM models).
+        write_card: write the plots to ``source/images/`` and the report into
+            ``source/README.md`` (replacing an earlier report; a folder only).
+
+    Raises:
+        RlcdError: not a pair dataset, no pairs, a judge that is not a reward
+            model, ``write_card`` on something that is not a folder.
+    """
+    if write_card and not Path(source).is_dir():
+        raise RlcdError(f"{source}: --write-card needs a dataset folder")
+    table, data = load(source, split, limit)
+    result = quality.report(data, threshold=threshold, folds=folds)
+    if judge:
+        from .quality_models import judge_agreement
+
+        result["judge"] = judge_agreement(table, judge)
+    if reward_model_separability:
+        from .quality_models import reward_model_separability as rm_separability
+
+        result["reward_model_separability"] = rm_separability(table, folds=folds)
+    result["verdicts"] = quality.verdicts(result)
+    if write_card:
+        from .plots import write_report_plots
+
+        images = write_report_plots(data, Path(source))
+        write_card_section(Path(source) / "README.md", card_section(result, images))
+        result["images"] = images
+    return result
+
+
+def card_section(result: dict, images: list[str], matched: str | None = None) -> str:
+    """The report as a Markdown card section, between markers that a later `inspect --write-card` replaces."""
+    from .resources import resource_dir
+    from .tasks import JINJA
+
+    body = JINJA.from_string((resource_dir("cards") / CARD_TEMPLATE).read_text()).render(
+        r=result, s=result["shape"], l=result["lengths"], sep=result["lexical_separability"],
+        verdicts=result.get("verdicts") or quality.verdicts(result), images=images, matched=matched,
+    )
+    return f"{BEGIN}\n{body.strip()}\n{END}\n"
+
+
+def write_card_section(card: Path, section: str) -> None:
+    """Put ``section`` into the card: in place of an earlier report, else before its Citation, else at the end."""
+    text = card.read_text() if card.is_file() else ""
+    if _SECTION.search(text):
+        text = _SECTION.sub(lambda _: section.rstrip("\n"), text, count=1)
+    elif "\n## Citation" in text:
+        head, tail = text.split("\n## Citation", 1)
+        text = f"{head.rstrip()}\n\n{section}\n## Citation{tail}"
+    else:
+        text = f"{text.rstrip()}\n\n{section}" if text.strip() else section
+    card.write_text(text)
+
+
+def compare_datasets(sources: list[str], *, split: str = "train", folds: int = quality.FOLDS,
+                     judge: str | None = None, plot: str | Path | None = None, match: bool = True) -> dict:
+    """The report of several datasets side by side.
+
+    Datasets that all carry ``source_index`` (builds from the same prompt
+    source) are restricted to the prompts they have in common, so the figures
+    compare the same prompts; ``match=False`` keeps every pair.
+
+    Returns:
+        ``{"matched_prompts": n or None, "datasets": {name: report}}``;
+        ``plot`` receives the overlay of each dataset's length differences.
+    """
+    if len(sources) < 2:
+        raise RlcdError("compare needs at least two datasets")
+    loaded = {_name(s, sources): load(s, split) for s in sources}
+    matched = None
+    if match and all(data.source_index is not None for _, data in loaded.values()):
+        common = set.intersection(*(set(data.source_index) for _, data in loaded.values()))
+        if not common:
+            raise RlcdError("the datasets share no source_index: they were built from different prompts "
+                            "(pass --no-match to compare them whole)")
+        matched = len(common)
+        for name, (table, data) in loaded.items():
+            keep = [i for i, s in enumerate(data.source_index) if s in common]
+            loaded[name] = (table.select(keep), data.select(keep))
+    reports = {}
+    for name, (table, data) in loaded.items():
+        result = quality.report(data, folds=folds)
+        if judge:
+            from .quality_models import judge_agreement
+
+            result["judge"] = judge_agreement(table, judge)
+        result["verdicts"] = quality.verdicts(result)
+        reports[name] = result
+    if plot:
+        from .plots import length_differences
+
+        length_differences({name: data for name, (_, data) in loaded.items()}, Path(plot))
+    return {"matched_prompts": matched, "datasets": reports}
+
+
+def _name(source: str, sources: list[str]) -> str:
+    """A short, unique column name for a dataset: its folder or file name, else the whole path."""
+    name = Path(source).name or source
+    return name if sum(Path(s).name == name for s in sources) == 1 else source
+
+
+def text_table(named: dict[str, dict]) -> str:
+    """The headline figures of one or more reports as an aligned plain-text table (datasets as columns)."""
+
+    def fmt_ci(x):
+        return "n/a" if x is None else f"{x['accuracy']:.3f} [{x['ci95'][0]:.3f}, {x['ci95'][1]:.3f}]"
+
+    def per_side(d):
+        return "n/a" if d is None else f"{d['chosen']} / {d['rejected']}"
+
+    rows = [
+        ("pairs", lambda r: str(r["pairs"])),
+        ("identical / near-identical", lambda r: f"{r['shape']['identical']} / {r['shape']['near_identical']}"),
+        ("empty (chosen / rejected)", lambda r: per_side(r["shape"]["empty"])),
+        ("at token limit (c / r)", lambda r: per_side(r["shape"]["at_token_limit"])),
+        ("ends mid-sentence (c / r)", lambda r: per_side(r["shape"]["unfinished"])),
+        ("length unit", lambda r: r["lengths"]["unit"]),
+        ("chosen length mean / median", lambda r: _mm(r["lengths"]["chosen"])),
+        ("rejected length mean / median", lambda r: _mm(r["lengths"]["rejected"])),
+        ("chosen is longer", lambda r: f"{r['lengths']['chosen_longer']:.1%}"),
+        ("longer-is-chosen accuracy", lambda r: f"{r['lengths']['longer_is_chosen_accuracy']:.3f}"),
+        ("lexical separability [95%]", lambda r: fmt_ci(r["lexical_separability"])),
+        ("  sd over folds", lambda r: "n/a" if not r["lexical_separability"] else f"{r['lexical_separability']['sd']:.3f}"),
+        ("reward-model separability", lambda r: fmt_ci(r.get("reward_model_separability"))),
+        ("judge agreement [95%]", lambda r: fmt_ci(r.get("judge"))),
+        ("mean chosen_probability", lambda r: "n/a" if not r.get("soft_labels") else f"{r['soft_labels']['mean']:.3f}"),
+        ("labels below 0.6", lambda r: "n/a" if not r.get("soft_labels") else f"{r['soft_labels']['near_half']:.1%}"),
+        ("top chosen words", lambda r: _words(r["words"]["chosen"])),
+        ("top rejected words", lambda r: _words(r["words"]["rejected"])),
+    ]
+    header = ["", *named]
+    body = [[label, *(value(r) for r in named.values())] for label, value in rows]
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *body]]
+    return "\n".join(lines)
+
+
+def _mm(summary: dict) -> str:
+    return f"{summary['mean']:.1f} / {summary['median']:g}"
+
+
+def _words(words: list[dict], n: int = 5) -> str:
+    return ", ".join(w["word"] for w in words[:n]) or "none"
