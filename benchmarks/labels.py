@@ -36,7 +36,7 @@ def rescore(folder: Path, limit: int | None, both_orders: bool, batch_size: int)
     from rlcd_data.config import BuildConfig
     from rlcd_data.methods import METHODS, label_rows
     from rlcd_data.models import load_causal_lm
-    from rlcd_data.scorer import TransformersScorer
+    from rlcd_data.labeller import TransformersLabeller
     from rlcd_data.tasks import load_task
 
     config = BuildConfig(**yaml.safe_load((folder / "rlcd_build.yaml").read_text()))
@@ -44,10 +44,10 @@ def rescore(folder: Path, limit: int | None, both_orders: bool, batch_size: int)
     for row in rows:  # back to the by-construction layout label_rows expects
         row["chosen_is_p_plus"] = True
     model, tokenizer, _ = load_causal_lm(config.model, "none", config.dtype)
-    scorer = TransformersScorer(model, tokenizer, batch_size)
+    labeller = TransformersLabeller(model, tokenizer, batch_size)
     start = time.perf_counter()
     labelled = label_rows(rows, method=METHODS["rlcd-rescore"], task=load_task(config.task, config.templates),
-                          scorer=scorer, seed=config.seed, both_orders=both_orders)
+                          labeller=labeller, seed=config.seed, both_orders=both_orders)
     seconds = time.perf_counter() - start
     p_plus = [r["chosen_probability"] if r["chosen_is_p_plus"] else 1 - r["chosen_probability"] for r in labelled]
     return {

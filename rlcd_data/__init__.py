@@ -12,11 +12,11 @@ from .errors import RlcdError
 __version__ = "0.1.0"
 
 
-def build(config, generator=None, progress=True, scorer=None):
+def build(config, generator=None, progress=True, labeller=None):
     """Build a dataset; see `rlcd_data.pipeline.build`."""
     from .pipeline import build as _build
 
-    return _build(config, generator=generator, progress=progress, scorer=scorer)
+    return _build(config, generator=generator, progress=progress, labeller=labeller)
 
 
 def load_task(name, templates_dir=None):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ FORMATS = ("standard", "conversational")
 METHODS = ("rlcd", "rlaif", "rlcd-rescore", "context-distillation")
 SCORED_METHODS = ("rlaif", "rlcd-rescore")
 
-# Fields that do not change what a build writes; left out of its fingerprint.
+# Fields that do not change what a build writes; a resumed build may differ in them.
 OUTPUT_NEUTRAL_FIELDS = frozenset({"output", "overwrite", "resume", "batch_size", "num_shards", "shard_index"})
 # Actions for one run, not part of what was built: not saved with the dataset.
 ACTION_FIELDS = ("overwrite", "resume", "num_shards", "shard_index")
@@ -188,10 +186,6 @@ class BuildConfig:
     def output_fields(self) -> dict[str, Any]:
         """The fields that change the output (not batch size, output folder or run actions)."""
         return {k: v for k, v in self.to_dict().items() if k not in OUTPUT_NEUTRAL_FIELDS}
-
-    def fingerprint(self) -> str:
-        """A short hash of `output_fields`."""
-        return hashlib.sha256(json.dumps(self.output_fields(), sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:
         header = (

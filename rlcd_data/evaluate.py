@@ -29,14 +29,14 @@ def agreement(chosen: list[float], rejected: list[float]) -> dict:
     }
 
 
-def evaluate_reward_model(scorer, pairs: str, split: str = "train", limit: int | None = None) -> dict:
-    """Score every pair of ``pairs`` (see `rlcd_data.pairs.load_pairs`) with ``scorer`` (a `RewardScorer`)."""
+def evaluate_reward_model(model, pairs: str, split: str = "train", limit: int | None = None) -> dict:
+    """Score every pair of ``pairs`` (see `rlcd_data.pairs.load_pairs`) with ``model`` (a `RewardModel`)."""
     from .pairs import load_pairs, pair_texts
 
     table = load_pairs(pairs, split, limit)
-    texts = [pair_texts(row, scorer.tokenizer) for row in table]
-    chosen = scorer.score([c for c, _ in texts])
-    rejected = scorer.score([r for _, r in texts])
+    texts = [pair_texts(row, model.tokenizer) for row in table]
+    chosen = model.score([c for c, _ in texts])
+    rejected = model.score([r for _, r in texts])
     return agreement(chosen, rejected)
 
 
@@ -100,7 +100,7 @@ def evaluate_policy(
     from .generate import SamplingSettings, TransformersGenerator, request_seed
     from .models import load_causal_lm
     from .prompts import load_prompts
-    from .reward_model import RewardScorer
+    from .reward_model import RewardModel
 
     if base is None:
         recorded = Path(policy) / "rlcd_recipe.json"
@@ -111,14 +111,14 @@ def evaluate_policy(
     texts = [p.text for p in prompt_set.prompts]
     seeds = [request_seed(seed, "eval-policy", p.source_index) for p in prompt_set.prompts]
     settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature)
-    scorer = RewardScorer.load(reward_model)
+    rewards_of = RewardModel.load(reward_model).score
     sides = {}
     for side, name in (("policy", policy), ("base", base)):
         model, tokenizer, _ = load_causal_lm(name, quantization="none")
         completions = TransformersGenerator(model, tokenizer, batch_size=batch_size).generate(texts, seeds, settings)
         del model
         responses = [extract_response(c.text, c.ended) for c in completions]
-        rewards = scorer.score([t + as_completion(t, r or c.text.strip()) for t, r, c in zip(texts, responses, completions)])
+        rewards = rewards_of([t + as_completion(t, r or c.text.strip()) for t, r, c in zip(texts, responses, completions)])
         if penalty_reward is not None:
             rewards = [penalty_reward if r is None else x for r, x in zip(responses, rewards)]
         sides[side] = (completions, responses, rewards)

@@ -99,8 +99,8 @@ def base_row(pair: ContrastPair, method: Method, outputs: dict[str, str], count_
     return row
 
 
-def label_rows(rows: list[dict], *, method: Method, task: Task, scorer, seed: int, both_orders: bool) -> list[dict]:
-    """Label scored rows with the simulator's A/B preference, in one batched scorer call.
+def label_rows(rows: list[dict], *, method: Method, task: Task, labeller, seed: int, both_orders: bool) -> list[dict]:
+    """Label scored rows with the simulator's A/B preference, in one batched labeller call.
 
     Before: ``chosen`` is the first output (p+ for rlcd-rescore, sample a for
     rlaif). After: chosen/rejected ordered by the labeller, with
@@ -127,7 +127,7 @@ def label_rows(rows: list[dict], *, method: Method, task: Task, scorer, seed: in
         for first_is_a in orders:
             a, b = (row["chosen"], row["rejected"]) if first_is_a else (row["rejected"], row["chosen"])
             prompts.append(task.render_comparison(row["prompt"], key, a, b))
-    p_a = iter(scorer.first_option_probability(prompts))
+    p_a = iter(labeller.first_option_probability(prompts))
     labelled = []
     for row, orders in zip(rows, layout):
         first = sum(p if first_is_a else 1 - p for first_is_a, p in zip(orders, p_a)) / len(orders)

@@ -16,7 +16,7 @@ from .tasks import JINJA, Task
 from .resources import resource_dir
 
 if TYPE_CHECKING:
-    from .build import BuildStats
+    from .pipeline import BuildStats
 
 CARD_TEMPLATE = "dataset_card.md"
 VERSIONED_PACKAGES = ("rlcd-data", "transformers", "torch", "datasets", "huggingface_hub", "bitsandbytes")

@@ -17,7 +17,7 @@ from .errors import RlcdError
 from .generate import Generator, SamplingSettings, request_seed
 from .methods import METHODS, Method, base_row, label_rows, supported
 from .prompts import PromptSet, load_prompts
-from .scorer import Scorer
+from .labeller import Labeller
 from .tasks import COMPARE_FILE, ContrastPair, Task, load_task
 
 STAGING = ".rlcd-build"  # completed pairs land here as the build goes
@@ -105,7 +105,7 @@ def prepare(config: BuildConfig) -> tuple[Task, PromptSet, list[ContrastPair]]:
 
 
 def build(
-    config: BuildConfig, generator: Generator | None = None, progress: bool = True, scorer: Scorer | None = None
+    config: BuildConfig, generator: Generator | None = None, progress: bool = True, labeller: Labeller | None = None
 ) -> BuildResult:
     """Build a preference dataset (RLCD or a baseline, see `rlcd_data.methods`) into ``config.output``.
 
@@ -113,7 +113,7 @@ def build(
         config: what to build.
         generator: the model to sample from; default: load ``config.model``.
         progress: show a progress bar on stderr.
-        scorer: the A/B labeller of scored methods; default: the generator's
+        labeller: the A/B labeller of scored methods; default: the generator's
             own model (no second copy).
 
     Returns:
@@ -153,12 +153,12 @@ def build(
         model, tokenizer, source = load_causal_lm(config.model, config.quantization, config.dtype)
         generator = TransformersGenerator(model, tokenizer, config.batch_size, source.description)
     method = METHODS[config.method]
-    if method.scored and scorer is None:
-        from .scorer import TransformersScorer
+    if method.scored and labeller is None:
+        from .labeller import TransformersLabeller
 
         if not hasattr(generator, "model"):
-            raise RlcdError(f"--method {method.name} needs a scorer for this generator")
-        scorer = TransformersScorer(generator.model, generator.tokenizer, config.batch_size)
+            raise RlcdError(f"--method {method.name} needs a labeller for this generator")
+        labeller = TransformersLabeller(generator.model, generator.tokenizer, config.batch_size)
 
     stats = BuildStats(
         prompts_read=prompt_set.read,
@@ -179,7 +179,7 @@ def build(
             raise RlcdError(f"{staging}: cannot write ({e.strerror})") from None
     rows = previous_rows + _generate_rows(
         todo, generator, config, stats, staging, progress, next_part, len(pairs), method=method, task=task,
-        scorer=scorer,
+        labeller=labeller,
     )
     rows.sort(key=lambda r: r["source_index"])
     stats.dropped_source_indices.sort()
@@ -212,7 +212,7 @@ def _generate_rows(
     *,
     method: Method = METHODS["rlcd"],
     task: Task | None = None,
-    scorer: Scorer | None = None,
+    labeller: Labeller | None = None,
 ) -> list[dict]:
     """Generate every output of every example (both sides of a pair for RLCD), label scored
     methods, and write completed rows to ``staging`` as they finish.
@@ -267,7 +267,7 @@ def _generate_rows(
             for i in indices
         ]
         new_rows = label_rows(
-            new_rows, method=method, task=task, scorer=scorer, seed=config.seed, both_orders=config.label_both_orders
+            new_rows, method=method, task=task, labeller=labeller, seed=config.seed, both_orders=config.label_both_orders
         )
         records = new_rows + [{"dropped_source_index": k} for k in lost]  # dropped: a resume skips them too
         if not records:

@@ -11,7 +11,7 @@ import csv
 import gzip
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .conversation import parse_prompt, to_prompt
@@ -35,7 +35,6 @@ class PromptSet:
     read: int = 0
     dropped_empty: int = 0
     dropped_duplicate: int = 0
-    dropped_indices: list[int] = field(default_factory=list)
 
 
 def load_prompts(
@@ -68,11 +67,9 @@ def load_prompts(
         text = _normalise(value, task_input, where)
         if text is None:
             result.dropped_empty += 1
-            result.dropped_indices.append(index)
             continue
         if text in seen:
             result.dropped_duplicate += 1
-            result.dropped_indices.append(index)
             continue
         seen.add(text)
         result.prompts.append(SourcePrompt(index, text))

@@ -25,8 +25,7 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
-from .conversation import ASSISTANT_TAG
-from .pairs import SOFT_LABEL_COLUMN
+from .pairs import SOFT_LABEL_COLUMN, split_prompt
 
 # Near-identical: cosine similarity of the two responses' word 1-2-gram counts at or above this.
 NEAR_IDENTICAL = 0.9
@@ -80,9 +79,7 @@ def response_text(value, prompt=None) -> str:
     the last Assistant tag of an implicit-prompt conversation (HH-RLHF files), else the text itself."""
     if isinstance(value, list):
         return "\n".join(m["content"] for m in value if m.get("role") == "assistant")
-    if prompt is None and ASSISTANT_TAG in value:
-        return value[value.rfind(ASSISTANT_TAG) + len(ASSISTANT_TAG) :]
-    return value
+    return split_prompt(value)[1] if prompt is None else value
 
 
 def pair_data(table, max_new_tokens: int | None = None) -> PairData:

@@ -29,13 +29,13 @@ def judge_agreement(table, judge: str, batch_size: int = 16, max_length: int = 5
     """
     from .evaluate import agreement
     from .pairs import pair_texts
-    from .reward_model import RewardScorer
+    from .reward_model import RewardModel
 
     if not Path(judge).expanduser().is_dir():
         raise RlcdError(f"{judge}: no such reward model folder")
-    scorer = RewardScorer.load(judge, batch_size=batch_size, max_length=max_length)
-    texts = [pair_texts(row, scorer.tokenizer) for row in table]
-    result = agreement(scorer.score([c for c, _ in texts]), scorer.score([r for _, r in texts]))
+    reward_model = RewardModel.load(judge, batch_size=batch_size, max_length=max_length)
+    texts = [pair_texts(row, reward_model.tokenizer) for row in table]
+    result = agreement(reward_model.score([c for c, _ in texts]), reward_model.score([r for _, r in texts]))
     low, high = wilson_interval(result["accuracy"] * result["pairs"], result["pairs"])
     return {**result, "ci95": [low, high], "judge": str(judge)}
 

@@ -21,7 +21,7 @@ def end_token(tokenizer) -> str:
     return token
 
 
-class RewardScorer:
+class RewardModel:
     """A reward model and its tokenizer, scoring batches of texts.
 
     Args:
@@ -44,7 +44,7 @@ class RewardScorer:
         model.config.pad_token_id = tokenizer.pad_token_id
 
     @classmethod
-    def load(cls, path: str | Path, **kwargs) -> RewardScorer:
+    def load(cls, path: str | Path, **kwargs) -> RewardModel:
         """Load a reward model folder written by `rlcd-data train reward` (or any one-label classifier).
 
         Raises:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
@@ -36,7 +35,7 @@ def test_build_with_tiny_model(tmp_path, capsys, tiny_model_dir):
     )
     assert code == 0, err
     assert "rlcd harmless" in err and "pair" in err and "tok/s" in err  # the progress bar
-    assert f"wrote " in out and f'load_dataset("{out_dir}")' in out
+    assert "wrote " in out and f'load_dataset("{out_dir}")' in out
     loaded = datasets.load_dataset(str(out_dir))
     n = len(loaded["train"]) + len(loaded["test"])
     assert len(loaded["test"]) == 2 and f"wrote {n} pairs" in out

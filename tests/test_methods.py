@@ -1,4 +1,4 @@
-"""The baselines: the A/B scorer, rlaif, rlcd-rescore and context distillation."""
+"""The baselines: the A/B labeller, rlaif, rlcd-rescore and context distillation."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def smollm2_tokenizer(smollm2_dir):
 def test_option_tokens_are_single_tokens_after_paren(smollm2_tokenizer, tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from rlcd_data.scorer import ANSWER_PREFIX, option_token_ids
+    from rlcd_data.labeller import ANSWER_PREFIX, option_token_ids
 
     a, b = option_token_ids(smollm2_tokenizer)
     assert smollm2_tokenizer.decode([a]) == "A" and smollm2_tokenizer.decode([b]) == "B" and a != b
@@ -71,43 +71,43 @@ def test_option_tokens_are_single_tokens_after_paren(smollm2_tokenizer, tiny_mod
 
 def test_option_tokens_must_be_single(smollm2_tokenizer):
     from rlcd_data.errors import RlcdError
-    from rlcd_data.scorer import option_token_ids
+    from rlcd_data.labeller import option_token_ids
 
     with pytest.raises(RlcdError, match="one token"):
         option_token_ids(smollm2_tokenizer, prefix="The answer is: (A")  # "AA" merges or splits differently
 
 
-def test_scorer_reads_the_last_position_softmax_over_a_and_b(smollm2_tokenizer):
-    from rlcd_data.scorer import TransformersScorer, option_token_ids
+def test_labeller_reads_the_last_position_softmax_over_a_and_b(smollm2_tokenizer):
+    from rlcd_data.labeller import TransformersLabeller, option_token_ids
 
     a, b = option_token_ids(smollm2_tokenizer)
     marker = smollm2_tokenizer(" zebra", add_special_tokens=False)["input_ids"]
     assert len(marker) == 1
     model = ControlledLM(len(smollm2_tokenizer), a, b, marker[0])
-    scorer = TransformersScorer(model, smollm2_tokenizer, batch_size=2)
-    scorer.model = model
+    labeller = TransformersLabeller(model, smollm2_tokenizer, batch_size=2)
+    labeller.model = model
     prompts = [
         "short zebra The answer is: (",
         "a much longer prompt with no marker at all, padded less than the others The answer is: (",
         "x zebra zebra zebra The answer is: (",
     ]
-    got = scorer.first_option_probability(prompts)
+    got = labeller.first_option_probability(prompts)
     expected = [1 / (1 + math.exp(-k)) for k in (1, 0, 3)]
     assert got == pytest.approx(expected, abs=1e-6)
     assert model.calls == 2  # batched: 3 prompts at batch size 2
 
 
-def test_scorer_with_the_tiny_model_matches_its_logits(tiny_model_dir):
+def test_labeller_with_the_tiny_model_matches_its_logits(tiny_model_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlcd_data.scorer import TransformersScorer, option_token_ids
+    from rlcd_data.labeller import TransformersLabeller, option_token_ids
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    scorer = TransformersScorer(model, tokenizer, batch_size=4)
+    labeller = TransformersLabeller(model, tokenizer, batch_size=4)
     prompts = ["Options: (A) yes (B) no The answer is: (", "Which? Options: (A) a longer answer (B) b The answer is: ("]
-    batched = scorer.first_option_probability(prompts)
+    batched = labeller.first_option_probability(prompts)
     a, b = option_token_ids(tokenizer)
     for prompt, p in zip(prompts, batched):
         ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
@@ -116,7 +116,7 @@ def test_scorer_with_the_tiny_model_matches_its_logits(tiny_model_dir):
         assert p == pytest.approx(torch.softmax(logits[[a, b]], -1)[0].item(), abs=1e-5)
 
 
-class OptionScorer:
+class OptionLabeller:
     """A labeller that prefers the option whose text contains 'good' (P(A) = 0.9 or 0.1),
     or, with ``bias``, says P(A) = bias whatever the options (pure position bias)."""
 
@@ -142,15 +142,15 @@ def test_rlaif_orders_by_the_labeller_and_keeps_its_probability(tmp_path, fake_g
 
     config = BuildConfig(task="harmless", prompts=str(prompts_file(tmp_path)), output=str(tmp_path / "out"),
                          method="rlaif")
-    scorer = OptionScorer()
-    build(config, generator=fake_generator(respond), scorer=scorer, progress=False)
+    labeller = OptionLabeller()
+    build(config, generator=fake_generator(respond), labeller=labeller, progress=False)
     rows = datasets.load_dataset(str(tmp_path / "out"), split="train").to_list()
-    assert len(rows) == 4 and len(scorer.prompts) == 4
+    assert len(rows) == 4 and len(labeller.prompts) == 4
     for row in rows:
         assert row["chosen"] == " good answer" and row["rejected"] == " bad answer"
         assert row["chosen_probability"] == pytest.approx(0.9)
         assert 0 <= row["instruction_index"] < 16
-    assert scorer.prompts[0].endswith("The answer is: (") and "Question number" in scorer.prompts[0]
+    assert labeller.prompts[0].endswith("The answer is: (") and "Question number" in labeller.prompts[0]
     card = (tmp_path / "out" / "README.md").read_text()
     assert "`rlaif`" in card and "scorer version 1" in card and "averaged: no" in card
 
@@ -160,10 +160,10 @@ def test_label_both_orders_cancels_position_bias(tmp_path, fake_generator):
 
     config = BuildConfig(task="harmless", prompts=str(prompts_file(tmp_path, 2)), output=str(tmp_path / "out"),
                          method="rlaif", label_both_orders=True)
-    scorer = OptionScorer(bias=0.8)  # always prefers whatever is shown first
-    build(config, generator=fake_generator(lambda p, n: (f"answer {n}", True)), scorer=scorer, progress=False)
+    labeller = OptionLabeller(bias=0.8)  # always prefers whatever is shown first
+    build(config, generator=fake_generator(lambda p, n: (f"answer {n}", True)), labeller=labeller, progress=False)
     rows = datasets.load_dataset(str(tmp_path / "out"), split="train").to_list()
-    assert len(scorer.prompts) == 4  # each pair in both orders
+    assert len(labeller.prompts) == 4  # each pair in both orders
     assert all(r["chosen_probability"] == pytest.approx(0.5) for r in rows)
     assert "averaged: yes" in (tmp_path / "out" / "README.md").read_text()
 
@@ -183,17 +183,17 @@ def test_rlcd_rescore_keeps_the_construction_label(tmp_path, fake_generator):
 
     config = BuildConfig(task="harmless", prompts=str(prompts_file(tmp_path, 6)), output=str(tmp_path / "rescore"),
                          method="rlcd-rescore")
-    scorer = OptionScorer()
-    build(config, generator=fake_generator(respond), scorer=scorer, progress=False)
+    labeller = OptionLabeller()
+    build(config, generator=fake_generator(respond), labeller=labeller, progress=False)
     rows = datasets.load_dataset(str(tmp_path / "rescore"), split="train").to_list()
     task_instructions = load_task("harmless").instructions
-    for row, prompt in zip(rows, scorer.prompts):
+    for row, prompt in zip(rows, labeller.prompts):
         assert row["chosen"].startswith(" good") and row["chosen_probability"] == pytest.approx(0.9)
         # the labeller agrees with construction exactly where p+ wrote the good reply
         assert row["chosen_is_p_plus"] == (row["source_index"] % 2 == 0)
         assert task_instructions[row["descriptor_index"]] in prompt  # instruction matched to the descriptor
     # the A/B order is shuffled per example, not always p+ first
-    firsts = [p.split("(A) ")[1].split("\n")[0] for p in scorer.prompts]
+    firsts = [p.split("(A) ")[1].split("\n")[0] for p in labeller.prompts]
     p_plus_first = [f.startswith("good") == (int(f.split()[-1]) % 2 == 0) for f in firsts]
     assert 0 < sum(p_plus_first) < len(p_plus_first)
     card = (tmp_path / "rescore" / "README.md").read_text()

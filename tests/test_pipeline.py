@@ -183,7 +183,7 @@ def test_bad_config_values():
         BuildConfig(task="harmless", test_size=2.5)
     assert BuildConfig(task="harmless").output == "rlcd-harmless"
     a, b = BuildConfig(task="harmless"), BuildConfig(task="harmless", batch_size=64, output="elsewhere")
-    assert a.fingerprint() == b.fingerprint() != BuildConfig(task="harmless", seed=1).fingerprint()
+    assert a.output_fields() == b.output_fields() != BuildConfig(task="harmless", seed=1).output_fields()
 
 
 def test_progress_counts_pairs_as_they_finish_within_a_call(tmp_path, fake_generator, capsys):

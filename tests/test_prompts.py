@@ -53,7 +53,7 @@ def test_empty_and_duplicate_prompts_are_dropped_and_counted_before_limit(tmp_pa
     rows = [{"prompt": t} for t in ["a", "", "b", "a", "   ", "c", "d"]]
     result = load_prompts(write_jsonl(tmp_path / "p.jsonl", rows), task_input="premise", limit=3)
     assert [(p.source_index, p.text) for p in result.prompts] == [(0, "a"), (2, "b"), (5, "c")]
-    assert (result.dropped_empty, result.dropped_duplicate, result.dropped_indices) == (2, 1, [1, 3, 4])
+    assert (result.read, result.dropped_empty, result.dropped_duplicate) == (6, 2, 1)
 
 
 @pytest.mark.parametrize(

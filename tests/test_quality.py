@@ -138,7 +138,7 @@ def test_judge_agreement_equals_the_hand_count(tmp_path, monkeypatch):
         def score(self, texts):
             return [float(t.count("kind")) for t in texts]
 
-    monkeypatch.setattr(reward_model.RewardScorer, "load", classmethod(lambda cls, *a, **k: CountingJudge()))
+    monkeypatch.setattr(reward_model.RewardModel, "load", classmethod(lambda cls, *a, **k: CountingJudge()))
     pairs = [("kind kind", "kind"), ("kind", "rude"), ("rude", "kind"), ("same", "same"), ("kind", "kind kind kind")]
     path = write_pairs(tmp_path / "pairs.jsonl", pairs)
     (tmp_path / "judge").mkdir()

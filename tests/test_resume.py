@@ -26,7 +26,7 @@ def prompts_file(tmp_path, n=6):
     return path
 
 
-def interrupted_build(tmp_path, fake_generator, scorer=None, **overrides):
+def interrupted_build(tmp_path, fake_generator, labeller=None, **overrides):
     def respond(prompt, n):
         if "Question number 4?" in prompt:
             raise KeyboardInterrupt
@@ -35,7 +35,7 @@ def interrupted_build(tmp_path, fake_generator, scorer=None, **overrides):
     config = dict(task="harmless", prompts=str(prompts_file(tmp_path)), output=str(tmp_path / "out"), batch_size=1)
     # The generator reports each output as it finishes: pairs 0-3 are written before the interrupt.
     with pytest.raises(KeyboardInterrupt):
-        build(BuildConfig(**{**config, **overrides}), generator=QueueGenerator(respond), scorer=scorer, progress=False)
+        build(BuildConfig(**{**config, **overrides}), generator=QueueGenerator(respond), labeller=labeller, progress=False)
     return {**config, **overrides}
 
 
@@ -58,23 +58,24 @@ def test_resume_generates_only_what_is_missing(tmp_path, fake_generator):
 
 
 def test_resume_with_a_different_configuration_is_refused(tmp_path, fake_generator):
-    config = interrupted_build(tmp_path, fake_generator)
+    root = tmp_path / "templates"
+    shutil.copytree(list_tasks()["harmless"], root / "harmless")
+    config = interrupted_build(tmp_path, fake_generator, templates=str(root))
     with pytest.raises(RlcdError, match=r"cannot resume: .*seed: 0 -> 7"):
         build(BuildConfig(**{**config, "seed": 7}, resume=True), generator=fake_generator(), progress=False)
     with pytest.raises(RlcdError, match=r"cannot resume: .*max_new_tokens: 300 -> 10"):
         build(BuildConfig(**{**config, "max_new_tokens": 10}, resume=True), generator=fake_generator(), progress=False)
-    root = tmp_path / "templates"
-    shutil.copytree(list_tasks()["harmless"], root / "harmless")
-    (root / "harmless" / "p_plus.jinja").write_text(
-        (root / "harmless" / "p_plus.jinja").read_text().replace("Assistant (", "Assistant [(")
-    )
-    with pytest.raises(RlcdError, match=r"cannot resume: .*templates"):
-        build(BuildConfig(**{**config, "templates": str(root)}, resume=True), generator=fake_generator(), progress=False)
+    # the same configuration, with an edited template in the same folder: the rendered prompts differ
+    edit(root / "harmless" / "p_plus.jinja", "Assistant (", "Assistant [(")
+    with pytest.raises(RlcdError, match=r"cannot resume: .*\(rendered prompts \(prompt source, templates") as refused:
+        build(BuildConfig(**config, resume=True), generator=fake_generator(), progress=False)
+    assert "templates:" not in str(refused.value)  # refused for the render, not for a changed option
+    edit(root / "harmless" / "p_plus.jinja", "Assistant [(", "Assistant (")
     # a different batch size is fine: it does not change what is built
     build(BuildConfig(**{**config, "batch_size": 8}, resume=True), generator=fake_generator(), progress=False)
 
 
-class EvenScorer:
+class EvenLabeller:
     """A labeller with no preference."""
 
     def first_option_probability(self, prompts):
@@ -110,12 +111,12 @@ def test_resume_checks_the_task_files_the_method_uses(tmp_path, fake_generator):
 def test_resume_of_a_scored_build_checks_its_labeller(tmp_path, fake_generator):
     root = tmp_path / "templates"
     shutil.copytree(list_tasks()["harmless"], root / "harmless")
-    config = interrupted_build(tmp_path, fake_generator, EvenScorer(), templates=str(root), method="rlcd-rescore")
+    config = interrupted_build(tmp_path, fake_generator, EvenLabeller(), templates=str(root), method="rlcd-rescore")
     edit(root / "harmless" / "compare.jinja", "The answer is: (", "Answer now.\nThe answer is: (")
     with pytest.raises(RlcdError, match=r"cannot resume: .*\(labeller \(compare.jinja or the scorer instructions"):
-        build(BuildConfig(**config, resume=True), generator=fake_generator(), scorer=EvenScorer(), progress=False)
+        build(BuildConfig(**config, resume=True), generator=fake_generator(), labeller=EvenLabeller(), progress=False)
     edit(root / "harmless" / "compare.jinja", "Answer now.\nThe answer is: (", "The answer is: (")
-    result = build(BuildConfig(**config, resume=True), generator=fake_generator(), scorer=EvenScorer(), progress=False)
+    result = build(BuildConfig(**config, resume=True), generator=fake_generator(), labeller=EvenLabeller(), progress=False)
     assert result.stats.pairs == 6
 
 

@@ -52,33 +52,30 @@ def tiny_reward_model(tmp_path_factory, tiny_model_dir):
 
 def test_reward_training_learns_a_separable_dataset(tiny_reward_model, tiny_model_dir, tmp_path):
     from rlcd_data.evaluate import evaluate_reward_model
-    from rlcd_data.reward_model import RewardScorer
+    from rlcd_data.reward_model import RewardModel
 
-    state = json.loads((tiny_reward_model / "trainer_state.json").read_text()) if (
-        tiny_reward_model / "trainer_state.json"
-    ).exists() else None
     recipe = json.loads((tiny_reward_model / "rlcd_recipe.json").read_text())
     assert recipe["metrics"]["label_type"] == "hard (pairwise)" and recipe["metrics"]["steps"] == 16
     held_out = toy_pairs(tmp_path / "held.jsonl", n=8)
-    trained = evaluate_reward_model(RewardScorer.load(tiny_reward_model), str(held_out))
-    untrained = _untrained_scorer(tiny_model_dir)
+    trained = evaluate_reward_model(RewardModel.load(tiny_reward_model), str(held_out))
+    untrained = _untrained_reward_model(tiny_model_dir)
     before = evaluate_reward_model(untrained, str(held_out))
     assert trained["accuracy"] == 1.0 and trained["mean_chosen_probability"] > 0.9
     assert before["mean_chosen_probability"] < trained["mean_chosen_probability"]
-    assert state is None or state  # trainer_state is optional; the card below is not
+    assert recipe["metrics"]["train_loss"] < math.log(2)  # below the pairwise loss of a model that cannot tell
     card = (tiny_reward_model / "README.md").read_text()
     assert "rlcd-data train reward" in card and "pairs.jsonl" in card and "train_loss" in card
 
 
-def _untrained_scorer(path):
+def _untrained_reward_model(path):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from rlcd_data.reward_model import RewardScorer
+    from rlcd_data.reward_model import RewardModel
 
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
-    return RewardScorer(model, AutoTokenizer.from_pretrained(path))
+    return RewardModel(model, AutoTokenizer.from_pretrained(path))
 
 
 def test_reward_loss_falls_and_parameters_change(tiny_reward_model, tiny_model_dir):
@@ -144,20 +141,20 @@ def test_soft_labels_train_end_to_end(tiny_model_dir, tmp_path):
 
 def test_encoder_reward_model_minilm(tmp_path):
     """An encoder base (MiniLM-L6, no EOS token) trains and scores with [SEP] as the end token."""
-    from rlcd_data.reward_model import RewardScorer
+    from rlcd_data.reward_model import RewardModel
 
     out = tmp_path / "rm-minilm"
     args = reward_args(toy_pairs(tmp_path / "p.jsonl", n=16), "minilm-l6", out, "--num_train_epochs", "1",
                        "--learning_rate", "5e-5")
     assert main(args) == 0
-    scorer = RewardScorer.load(out)
-    assert scorer.end == "[SEP]"
-    assert len(scorer.score(["\n\nHuman: hi\n\nAssistant: hello", "x"])) == 2
+    reward_model = RewardModel.load(out)
+    assert reward_model.end == "[SEP]"
+    assert len(reward_model.score(["\n\nHuman: hi\n\nAssistant: hello", "x"])) == 2
 
 
 def test_eval_reward_model_cli_matches_hand_computation(tiny_reward_model, tmp_path, capsys):
     from rlcd_data.evaluate import agreement
-    from rlcd_data.reward_model import RewardScorer
+    from rlcd_data.reward_model import RewardModel
 
     pairs = tmp_path / "hh.jsonl"  # HH-RLHF layout: implicit prompt
     with open(pairs, "w") as f:
@@ -167,8 +164,8 @@ def test_eval_reward_model_cli_matches_hand_computation(tiny_reward_model, tmp_p
     assert main(["eval", "reward-model", "--reward-model", str(tiny_reward_model), "--pairs", str(pairs), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     rows = [json.loads(line) for line in pairs.read_text().splitlines()]
-    scorer = RewardScorer.load(tiny_reward_model)
-    chosen, rejected = scorer.score([r["chosen"] for r in rows]), scorer.score([r["rejected"] for r in rows])
+    reward_model = RewardModel.load(tiny_reward_model)
+    chosen, rejected = reward_model.score([r["chosen"] for r in rows]), reward_model.score([r["rejected"] for r in rows])
     assert report == pytest.approx(agreement(chosen, rejected))
     assert report["pairs"] == 5 and set(report) >= {"accuracy", "mean_chosen_probability", "pairs"}
     assert main(["eval", "reward-model", "--reward-model", str(tiny_reward_model), "--pairs", str(pairs)]) == 0
@@ -246,14 +243,14 @@ def test_text_reward_cuts_at_human_turn_and_penalises(tiny_reward_model, tiny_mo
     import torch
     from transformers import AutoTokenizer
 
-    from rlcd_data.reward_model import RewardScorer
+    from rlcd_data.reward_model import RewardModel
     from rlcd_data.train.ppo import _reward_adapter_class
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    scorer = RewardScorer.load(tiny_reward_model)
+    reward_model = RewardModel.load(tiny_reward_model)
     prompt = "\n\nHuman: hi?\n\nAssistant:"
     prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    reward = _reward_adapter_class()(scorer, tok, {tuple(prompt_ids): prompt}, penalty=-7.0)
+    reward = _reward_adapter_class()(reward_model, tok, {tuple(prompt_ids): prompt}, penalty=-7.0)
     finished = prompt_ids + tok(f" {GOOD}\n\nHuman: more", add_special_tokens=False)["input_ids"]
     unfinished = prompt_ids + tok(f" {GOOD} and so", add_special_tokens=False)["input_ids"]
     width = max(len(finished), len(unfinished)) + 1  # every row ends in padding except where noted
@@ -262,7 +259,7 @@ def test_text_reward_cuts_at_human_turn_and_penalises(tiny_reward_model, tiny_mo
     ids = torch.tensor(rows)
     mask = torch.tensor([[1] * len(finished) + [0] * (width - len(finished)), [1] * width])
     out = reward.score(getattr(reward, reward.base_model_prefix)(input_ids=ids, attention_mask=mask).hidden_states[-1])
-    expected = scorer.score([prompt + f" {GOOD}"])[0]
+    expected = reward_model.score([prompt + f" {GOOD}"])[0]
     assert out[0, -1, 0].item() == pytest.approx(expected, rel=1e-5)
     assert out[1, -1, 0].item() == -7.0
 
@@ -309,36 +306,47 @@ def test_not_a_pair_dataset(tmp_path, capsys):
 
 def test_lora_reward_model_is_saved_merged(tiny_model_dir, tmp_path):
     """--use_peft trains LoRA adapters (and the score head) and saves a plain, merged reward model."""
-    from rlcd_data.reward_model import RewardScorer
+    from rlcd_data.reward_model import RewardModel
 
     out = tmp_path / "rm-lora"
     args = reward_args(toy_pairs(tmp_path / "p.jsonl", n=16), tiny_model_dir, out, "--num_train_epochs", "1",
                        "--use_peft", "--lora_r", "4", "--lora_alpha", "8")
     assert main(args) == 0
     assert not (out / "adapter_config.json").exists() and (out / "model.safetensors").exists()
-    assert len(RewardScorer.load(out).score(["a", "b c"])) == 2
+    assert len(RewardModel.load(out).score(["a", "b c"])) == 2
     assert "use_peft: true" in (out / "README.md").read_text()
 
 
 @pytest.mark.parametrize("bits, layer", [("8", "Linear8bitLt"), ("4", "Linear4bit")])
-def test_quantized_lora_reward_model_trains_on_cpu_and_loads(tiny_model_dir, tmp_path, bits, layer):
+def test_quantized_lora_reward_model_trains_on_cpu_and_loads(tiny_model_dir, tmp_path, monkeypatch, bits, layer):
     """--load_in_8bit/--load_in_4bit --use_peft: bitsandbytes base on the CPU; the adapter folder loads back for scoring."""
     import torch
     from safetensors.torch import load_file
 
-    from rlcd_data.reward_model import RewardScorer
+    from rlcd_data.reward_model import RewardModel
+    from rlcd_data.train.reward import soft_label_classes
 
+    trainer_cls, _ = soft_label_classes()
+    trained_layers = set()
+    original_train = trainer_cls.train
+
+    def train_and_record_layers(self, *args, **kwargs):
+        trained_layers.update(type(m).__name__ for m in self.model.modules())
+        return original_train(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_cls, "train", train_and_record_layers)
     out = tmp_path / f"rm-{bits}bit"
     args = reward_args(toy_pairs(tmp_path / "p.jsonl", n=8), tiny_model_dir, out, "--max_steps", "2",
                        "--use_peft", f"--load_in_{bits}bit")
     assert main(args) == 0
+    assert layer in trained_layers  # the base really ran quantized
     assert (out / "adapter_config.json").exists()
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] and f"load_in_{bits}bit: true" in (out / "README.md").read_text()
     lora = {k: v for k, v in load_file(out / "adapter_model.safetensors").items() if "lora_B" in k}
     assert lora and any(v.abs().sum() > 0 for v in lora.values())  # B starts at zero: training moved it
-    scorer = RewardScorer.load(out)
+    reward_model = RewardModel.load(out)
     saved = {k: v for k, v in load_file(out / "adapter_model.safetensors").items() if "score" in k}
     (head,) = saved.values()
-    assert torch.equal(scorer.model.score.weight.float(), head.float())  # the trained head, not a fresh one
-    assert len(scorer.score(["x", "y z"])) == 2
+    assert torch.equal(reward_model.model.score.weight.float(), head.float())  # the trained head, not a fresh one
+    assert len(reward_model.score(["x", "y z"])) == 2

@@ -38,10 +38,10 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     if args.kind == "reward-model":
         from ..evaluate import evaluate_reward_model
-        from ..reward_model import RewardScorer
+        from ..reward_model import RewardModel
 
-        scorer = RewardScorer.load(args.reward_model, max_length=args.max_length, batch_size=args.batch_size)
-        report = evaluate_reward_model(scorer, args.pairs, args.split, args.limit)
+        reward_model = RewardModel.load(args.reward_model, max_length=args.max_length, batch_size=args.batch_size)
+        report = evaluate_reward_model(reward_model, args.pairs, args.split, args.limit)
         return _report(
             args, args.reward_model, f"eval_{_name(args.pairs)}", report,
             f"{args.reward_model} on {report['pairs']} pairs of {args.pairs}: "

@@ -127,15 +127,15 @@ def _reward_adapter_class():
 
         base_model_prefix = "backbone"
 
-        def __init__(self, scorer, policy_tokenizer, prompt_ids: dict[tuple[int, ...], str], penalty: float):
+        def __init__(self, reward_model, policy_tokenizer, prompt_ids: dict[tuple[int, ...], str], penalty: float):
             super().__init__()
-            self.scorer = scorer
-            self.reward = scorer.model  # registered, so .to(device) moves it
+            self.reward_model = reward_model
+            self.reward = reward_model.model  # registered, so .to(device) moves it
             self.policy_tokenizer = policy_tokenizer
             self.prompts = prompt_ids
             self.lengths = sorted({len(k) for k in prompt_ids}, reverse=True)
             self.penalty = penalty
-            self.config = scorer.model.config
+            self.config = reward_model.model.config
 
         def split(self, ids: list[int]) -> tuple[str, list[int]]:
             for n in self.lengths:
@@ -158,7 +158,7 @@ def _reward_adapter_class():
                     texts.append(prompt + as_completion(prompt, response))
                     rows.append(row)
             if texts:
-                scores = torch.tensor(self.scorer.score(texts), device=input_ids.device)
+                scores = torch.tensor(self.reward_model.score(texts), device=input_ids.device)
                 rewards[rows] = scores.unsqueeze(1).expand(-1, input_ids.shape[1])
             return _Hidden((rewards.unsqueeze(-1),))
 
@@ -189,13 +189,13 @@ def train(script: PPOScriptArguments, config, model_args, argv=None, preset=None
 
     from ..conversation import STOP_STRINGS
     from ..prompts import load_prompts
-    from ..reward_model import RewardScorer
+    from ..reward_model import RewardModel
 
     for name in ("reward_model", "policy", "prompts"):
         if not getattr(script, name):
             raise RlcdError(f"train ppo: --{name} is required")
     policy_path = common.resolve_base(script.policy)
-    scorer = RewardScorer.load(script.reward_model, max_length=script.reward_max_length)
+    reward_model = RewardModel.load(script.reward_model, max_length=script.reward_max_length)
     prompt_set = load_prompts(
         script.prompts, task_input="conversation", column=script.prompt_column, split=script.prompt_split,
         limit=script.limit,
@@ -217,11 +217,11 @@ def train(script: PPOScriptArguments, config, model_args, argv=None, preset=None
     # The response ends at the next Human turn as well as at EOS (the paper's rule).
     policy.generate = functools.partial(policy.generate, stop_strings=list(STOP_STRINGS), tokenizer=tokenizer)
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
-    value_path = _value_init(script.reward_model, scorer, policy_path, policy)
+    value_path = _value_init(script.reward_model, reward_model, policy_path, policy)
     value = AutoModelForSequenceClassification.from_pretrained(value_path, num_labels=1, dtype=dtype)
     value.config.pad_token_id = tokenizer.pad_token_id
     prompt_ids = {tuple(ids): p.text for ids, p in zip(encoded, prompt_set.prompts)}
-    reward = _reward_adapter_class()(scorer, tokenizer, prompt_ids, script.penalty_reward)
+    reward = _reward_adapter_class()(reward_model, tokenizer, prompt_ids, script.penalty_reward)
 
     trainer = PPOTrainer(
         args=config,
@@ -267,11 +267,11 @@ def train(script: PPOScriptArguments, config, model_args, argv=None, preset=None
     return metrics
 
 
-def _value_init(reward_path: str, scorer, policy_path: str, policy) -> str:
+def _value_init(reward_path: str, reward_model, policy_path: str, policy) -> str:
     """The paper initialises the value model from the reward model; that needs the policy's architecture and vocabulary."""
     same = (
-        scorer.model.config.model_type == policy.config.model_type
-        and scorer.model.config.vocab_size == policy.config.vocab_size
-        and scorer.model.config.hidden_size == policy.config.hidden_size
+        reward_model.model.config.model_type == policy.config.model_type
+        and reward_model.model.config.vocab_size == policy.config.vocab_size
+        and reward_model.model.config.hidden_size == policy.config.hidden_size
     )
     return str(Path(reward_path)) if same else policy_path

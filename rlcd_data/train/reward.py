@@ -215,10 +215,10 @@ def train(script: RewardScriptArguments, training, model_args, argv=None, preset
         metrics["train_accuracy_last_log"] = round(history[-1]["accuracy"], 4)
     if script.eval_pairs:
         from ..evaluate import evaluate_reward_model
-        from ..reward_model import RewardScorer
+        from ..reward_model import RewardModel
 
-        scorer = RewardScorer(model, tokenizer, max_length=training.max_length or 512)
-        report = evaluate_reward_model(scorer, script.eval_pairs, script.eval_split, script.eval_limit)
+        reward_model = RewardModel(model, tokenizer, max_length=training.max_length or 512)
+        report = evaluate_reward_model(reward_model, script.eval_pairs, script.eval_split, script.eval_limit)
         metrics.update({f"eval_{k}": v for k, v in report.items()})
     settings = {"preset": preset, **common.changed_settings(script, training, model_args)}
     common.write_model_card(

@@ -18,7 +18,7 @@ from .errors import RlcdError
 ANSWER_PREFIX = "The answer is: ("
 
 
-class Scorer(Protocol):
+class Labeller(Protocol):
     """What the build needs to label pairs; tests substitute a fake."""
 
     def first_option_probability(self, prompts: Sequence[str]) -> list[float]: ...
@@ -38,13 +38,13 @@ def option_token_ids(tokenizer, prefix: str = ANSWER_PREFIX) -> tuple[int, int]:
         if len(full) != len(base) + 1 or full[: len(base)] != base:
             raise RlcdError(
                 f"the tokenizer does not encode {letter!r} after {prefix!r} as one token; "
-                "the A/B scorer needs single-token options"
+                "the A/B labeller needs single-token options"
             )
         ids.append(full[-1])
     return ids[0], ids[1]
 
 
-class TransformersScorer:
+class TransformersLabeller:
     """P(A) from a causal LM's next-token logits over the two option tokens.
 
     Args:
