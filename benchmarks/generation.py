@@ -1,17 +1,21 @@
-"""Generation throughput: the released RLCD loop's behaviour vs `rlcd-data build`'s generator.
+"""Generation throughput: the released RLCD loop's behaviour vs `rlcd-data build` on its two engines.
 
     .venv/bin/python benchmarks/generation.py [--prompts 64] [--max-new-tokens 300]
-                    [--dtype float32 bfloat16] [--runs 1] [--only a|b] [--default-kernels]
+                    [--dtype float32 bfloat16] [--runs 1] [--only a b c] [--default-kernels] [--vllm-compile]
 
 Each generator runs in its own process on the same prompts, model and settings:
 
 (a) released-loop baseline: p+ and p- as separate queue entries in input order, fixed batches of 16,
     left padding, every batch decoded until all its rows end or reach max_new_tokens (no stop string),
     backslash and backtick tokens banned, the paper's post-hoc cut, failed outputs re-queued up to 5 times, again in batches of 16;
-(b) `rlcd-data build`'s generator (length-sorted, continuously refilled batch, per-row stop).
+(b) `rlcd-data build` on its transformers engine (length-sorted, continuously refilled batch, per-row stop);
+(c) `rlcd-data build` on vLLM (`--backend vllm`): the engine's start-up is timed apart from the build.
+    Eager by default on a CPU; `--vllm-compile` compiles instead, the first run with an empty compile
+    cache (cold start), later runs with the cache the first one wrote (warm start).
 
 Reports completed pairs per second, useful tokens per second (tokens kept after the cut), tokens
-generated, peak resident memory, the ratio (b)/(a), and the machine's ceiling: the best measured matmul
+generated, peak resident memory (for (c) summed over the engine's processes), the ratios to (a), and
+the machine's ceiling: the best measured matmul
 rate (default kernel or oneDNN packed, whichever is faster here) divided by the forward-pass FLOPs per
 generated token. (a) runs on the default kernels, as the released loop does.
 """
@@ -102,7 +106,7 @@ def run_build(args) -> dict:
     if args.default_kernels:  # the generator's structure alone, on the kernels (a) uses
         import contextlib
 
-        from rlcd_data import generate
+        from rlcd_data.generate import transformers_engine as generate
 
         generate._packed_linears = lambda model, batch_size: contextlib.nullcontext()
     out = Path(tempfile.mkdtemp()) / "out"
@@ -119,12 +123,58 @@ def run_build(args) -> dict:
             "useful_tokens": useful}
 
 
+def run_vllm(args) -> dict:
+    """(c) rlcd-data build on vLLM; the engine start is timed on its own."""
+    import os
+    import threading
+
+    import psutil
+
+    from rlcd_data.config import BuildConfig
+    from rlcd_data.generate.vllm_engine import VLLMEngine, VLLMGenerator
+    from rlcd_data.models import resolve_model
+    from rlcd_data.pipeline import build
+
+    peak = [0]
+    running = [True]
+
+    def sample_rss():  # the engine core runs in child processes: sum the tree
+        me = psutil.Process(os.getpid())
+        while running[0]:
+            try:
+                total = me.memory_info().rss + sum(c.memory_info().rss for c in me.children(recursive=True))
+            except psutil.Error:
+                total = 0
+            peak[0] = max(peak[0], total)
+            time.sleep(0.25)
+
+    threading.Thread(target=sample_rss, daemon=True).start()
+    source = resolve_model(args.model)
+    start = time.perf_counter()
+    engine = VLLMEngine(source.path, dtype=args.dtype, max_num_seqs=args.batch_size,
+                        enforce_eager=not args.vllm_compile)
+    startup = time.perf_counter() - start
+    out = Path(tempfile.mkdtemp()) / "out"
+    config = BuildConfig(task="harmless", prompts=str(args.hh), limit=args.prompts, output=str(out),
+                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, backend="vllm")
+    start = time.perf_counter()
+    result = build(config, generator=VLLMGenerator(engine, source.description), progress=False)
+    seconds = time.perf_counter() - start
+    running[0] = False
+    import datasets
+
+    rows = datasets.load_dataset(str(out), split="train")
+    useful = sum(rows["chosen_tokens"]) + sum(rows["rejected_tokens"])
+    return {"pairs": result.stats.pairs, "seconds": seconds, "generated_tokens": result.stats.generated_tokens,
+            "useful_tokens": useful, "startup_seconds": startup, "tree_peak_rss_mb": peak[0] / 2**20}
+
+
 def ceiling(args) -> dict:
     """Measured matmul rate / forward FLOPs per token (2 x parameters used per token). The rate is the
     faster of the default kernel (F.linear) and the oneDNN packed linear that (b) uses where it can."""
     import torch
 
-    from rlcd_data.generate import _packed_forward
+    from rlcd_data.generate.transformers_engine import _packed_forward
 
     model, _, _ = load(args)
     params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
@@ -150,17 +200,19 @@ def ceiling(args) -> dict:
 
 
 def child(args) -> None:
-    result = {"a": run_baseline, "b": run_build, "ceiling": ceiling}[args.child](args)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result = {"a": run_baseline, "b": run_build, "c": run_vllm, "ceiling": ceiling}[args.child](args)
+    result["peak_rss_mb"] = result.pop("tree_peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print("RESULT " + json.dumps(result))
 
 
-def spawn(args, which: str) -> dict:
+def spawn(args, which: str, env: dict | None = None) -> dict:
+    import os
+
     cmd = [sys.executable, __file__, "--child", which] + [
         f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
         if k not in ("child", "runs", "only") and v is not None and not isinstance(v, bool)
-    ] + (["--default-kernels"] if args.default_kernels else [])
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    ] + (["--default-kernels"] if args.default_kernels else []) + (["--vllm-compile"] if args.vllm_compile else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, **(env or {})}).stdout
     return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
 
 
@@ -174,9 +226,11 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--hh", default=str(HH_PROMPTS))
     parser.add_argument("--runs", type=int, default=1)
-    parser.add_argument("--only", choices=["a", "b"], help="run one generator (no ratio)")
+    parser.add_argument("--only", nargs="+", choices=["a", "b", "c"], help="run only these (ratios need a)")
     parser.add_argument("--default-kernels", action="store_true",
                         help="(b) without its oneDNN packed linears: the default kernels, as (a) uses")
+    parser.add_argument("--vllm-compile", action="store_true",
+                        help="(c) compiled instead of eager: cold compile cache in run 1, warm after")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -194,22 +248,28 @@ def measure(args) -> None:
     rates = ", ".join(f"{k} {v:.1f}" for k, v in limit["rates_gflops"].items())
     print(f"ceiling: {limit['matmul_gflops']:.1f} GFLOP/s matmul ({limit['kernel']}; measured GFLOP/s: {rates})"
           f" / {limit['flops_per_token'] / 1e6:.0f} MFLOP per token = {limit['ceiling_tokens_per_s']:.0f} tokens/s")
-    runs = {w: [] for w in ("a", "b") if args.only in (None, w)}
+    runs = {w: [] for w in ("a", "b", "c") if args.only is None or w in args.only}
+    compile_cache = {"VLLM_CACHE_ROOT": tempfile.mkdtemp(prefix="vllm-cache-")}  # empty for run 1: a cold start
     for run in range(args.runs):
         for which in runs:
-            r = spawn(args, which)
+            r = spawn(args, which, compile_cache if which == "c" else None)
             runs[which].append(r)
             rate = r["generated_tokens"] / r["seconds"]
+            start = ""
+            if "startup_seconds" in r:
+                kind = "compiled, " + ("cold" if run == 0 else "warm") + " cache" if args.vllm_compile else "eager"
+                start = f"; engine start-up {r['startup_seconds']:.0f} s ({kind}), not included"
             print(f"run {run + 1} ({which}): {r['pairs']} pairs in {r['seconds']:.0f} s = {r['pairs'] / r['seconds']:.3f} "
                   f"pairs/s, {r['useful_tokens'] / r['seconds']:.1f} useful tok/s, {r['generated_tokens']} tokens generated "
                   f"({rate:.0f} tok/s, {100 * rate / limit['ceiling_tokens_per_s']:.0f}% of ceiling), "
-                  f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+                  f"peak RSS {r['peak_rss_mb']:.0f} MB{start}", flush=True)
     med = {w: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for w, rs in runs.items()}
     pps = {w: statistics.median(r["pairs"] / r["seconds"] for r in rs) for w, rs in runs.items()}
-    if len(runs) == 1:
-        return
-    print(f"median pairs/s: (a) {pps['a']:.3f}, (b) {pps['b']:.3f}, ratio (b)/(a) = {pps['b'] / pps['a']:.2f}; "
-          f"peak RSS ratio (b)/(a) = {med['b']['peak_rss_mb'] / med['a']['peak_rss_mb']:.2f}", flush=True)
+    print("median pairs/s: " + ", ".join(f"({w}) {v:.3f}" for w, v in pps.items()), flush=True)
+    for w in ("b", "c"):
+        if "a" in pps and w in pps:
+            print(f"ratio ({w})/(a): pairs/s {pps[w] / pps['a']:.2f}, "
+                  f"peak RSS {med[w]['peak_rss_mb'] / med['a']['peak_rss_mb']:.2f}", flush=True)
 
 
 if __name__ == "__main__":

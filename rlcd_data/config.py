@@ -17,12 +17,15 @@ CONFIG_FILENAME = "rlcd_build.yaml"
 
 QUANTIZATIONS = ("auto", "8bit", "4bit", "none")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+BACKENDS = ("auto", "vllm", "transformers")
 FORMATS = ("standard", "conversational")
 METHODS = ("rlcd", "rlaif", "rlcd-rescore", "context-distillation")
 SCORED_METHODS = ("rlaif", "rlcd-rescore")
 
 # Fields that do not change what a build writes; a resumed build may differ in them.
-OUTPUT_NEUTRAL_FIELDS = frozenset({"output", "overwrite", "resume", "batch_size", "num_shards", "shard_index"})
+OUTPUT_NEUTRAL_FIELDS = frozenset(
+    {"output", "overwrite", "resume", "batch_size", "num_shards", "shard_index", "tensor_parallel_size", "kv_cache_gib"}
+)
 # Actions for one run, not part of what was built: not saved with the dataset.
 ACTION_FIELDS = ("overwrite", "resume", "num_shards", "shard_index")
 
@@ -95,6 +98,20 @@ class BuildConfig:
             "auto chose.",
             "choices": DTYPES,
         },
+    )
+    backend: str = field(
+        default="auto",
+        metadata={
+            "help": "Generation engine. vllm = vLLM (`pip install 'rlcd-data[vllm]'`); transformers = the built-in "
+            "engine on transformers (needed for 8-/4-bit bitsandbytes on a CPU). auto = vllm where it is installed "
+            "and can run the request, else transformers. The build records which one ran.",
+            "choices": BACKENDS,
+        },
+    )
+    tensor_parallel_size: int = field(default=1, metadata={"help": "vllm: GPUs per engine (tensor parallelism)."})
+    kv_cache_gib: float | None = field(
+        default=None,
+        metadata={"help": "vllm: memory for the KV cache in GiB. Default: vLLM's own on a GPU, 2 GiB on a CPU."},
     )
     batch_size: int = field(
         default=32,

@@ -76,6 +76,7 @@ def evaluate_policy(
     seed: int = 0,
     samples_path: str | Path | None = None,
     penalty_reward: float | None = None,
+    backend: str = "auto",
 ) -> dict:
     """Sample one response per prompt from ``policy`` and from its base, and compare their rewards.
 
@@ -86,6 +87,8 @@ def evaluate_policy(
     Args:
         base: the model the policy started from; default: the ``base_model``
             recorded by `rlcd-data train ppo` next to the policy.
+        backend: the engine that samples: "vllm", "transformers" or "auto"
+            (vLLM where installed).
 
     Returns:
         prompts, mean reward of each side, the policy's win rate by reward,
@@ -97,8 +100,8 @@ def evaluate_policy(
     """
     from .conversation import as_completion, extract_response
     from .errors import RlcdError
-    from .generate import SamplingSettings, TransformersGenerator, request_seed
-    from .models import load_causal_lm
+    from .generate import SamplingSettings, request_seed
+    from .generate.backends import choose_backend
     from .prompts import load_prompts
     from .reward_model import RewardModel
 
@@ -112,11 +115,10 @@ def evaluate_policy(
     seeds = [request_seed(seed, "eval-policy", p.source_index) for p in prompt_set.prompts]
     settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature)
     rewards_of = RewardModel.load(reward_model).score
+    engine, _ = choose_backend(backend, "none")
     sides = {}
     for side, name in (("policy", policy), ("base", base)):
-        model, tokenizer, _ = load_causal_lm(name, quantization="none")
-        completions = TransformersGenerator(model, tokenizer, batch_size=batch_size).generate(texts, seeds, settings)
-        del model
+        completions = _sample(engine, name, texts, seeds, settings, batch_size)
         responses = [extract_response(c.text, c.ended) for c in completions]
         rewards = rewards_of([t + as_completion(t, r or c.text.strip()) for t, r, c in zip(texts, responses, completions)])
         if penalty_reward is not None:
@@ -137,4 +139,25 @@ def evaluate_policy(
             rows.append(row)
         write_jsonl(samples_path, rows)
     report["base"] = base
+    report["backend"] = engine
     return report
+
+
+def _sample(engine: str, model: str, texts: list[str], seeds: list[int], settings, batch_size: int,
+            dtype: str = "auto"):
+    """One completion per text from ``model`` on ``engine``; the model is released afterwards."""
+    if engine == "vllm":
+        from .generate.vllm_engine import VLLMEngine, VLLMGenerator
+        from .models import resolve_model
+
+        engine_ = VLLMEngine(resolve_model(model).path, dtype=dtype, max_num_seqs=batch_size)
+        generator = VLLMGenerator(engine_, model)
+        try:
+            return generator.generate(texts, seeds, settings)
+        finally:
+            generator.close()
+    from .generate import TransformersGenerator
+    from .models import load_causal_lm
+
+    loaded, tokenizer, _ = load_causal_lm(model, quantization="none")
+    return TransformersGenerator(loaded, tokenizer, batch_size=batch_size).generate(texts, seeds, settings)

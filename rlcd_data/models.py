@@ -98,6 +98,13 @@ def resolve_model(name: str) -> ModelSource:
     return ModelSource(name, name, name)
 
 
+def model_not_found(name: str, why: str) -> RlcdError:
+    return RlcdError(
+        f"model {name!r} not found ({why}); without network access pass --model with a "
+        f"local folder written by save_pretrained(), or use the embedded default --model {DEFAULT_MODEL}"
+    )
+
+
 def silence_bitsandbytes() -> None:
     """bitsandbytes logs a warning on every 8-bit matmul of float32 inputs on CPU."""
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -153,10 +160,7 @@ def load_causal_lm(name: str, quantization: str = "auto", dtype: str = "auto"):
         tokenizer = AutoTokenizer.from_pretrained(source.path)
         model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
     except OSError as e:
-        raise RlcdError(
-            f"model {name!r} not found ({str(e).splitlines()[0]}); without network access pass --model with a "
-            f"local folder written by save_pretrained(), or use the embedded default --model {DEFAULT_MODEL}"
-        ) from None
+        raise model_not_found(name, str(e).splitlines()[0]) from None
     except ImportError as e:
         raise RlcdError(f"cannot load {name!r} with quantization {quantization}: {e}") from None
     model.eval()

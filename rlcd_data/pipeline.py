@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 import dataclasses
 from dataclasses import dataclass, field
@@ -134,6 +135,11 @@ def build(
     shard = config.shard()
     check_output(out, config.overwrite, config.resume, shard)
     task, prompt_set, all_pairs = prepare(config)
+    if generator is None:  # which engine runs is part of the record too (resume refuses another)
+        from .generate.backends import choose_backend
+
+        backend, why = choose_backend(config.backend, config.quantization)
+        config = dataclasses.replace(config, backend=backend)
     # Shard k of n takes examples k, k + n, k + 2n, ...: every shard gets short and long prompts alike.
     pairs = all_pairs if shard is None else all_pairs[shard[0] :: shard[1]]
     staging = shard_dir(out, shard)
@@ -146,14 +152,17 @@ def build(
         previous_rows, previous_dropped, next_part = _read_parts(staging)
     done = {r["source_index"] for r in previous_rows} | set(previous_dropped)
     todo = [p for p in pairs if p.source_index not in done]
-    if generator is None:
-        from .generate import TransformersGenerator
-        from .models import load_causal_lm
-
-        model, tokenizer, source = load_causal_lm(config.model, config.quantization, config.dtype)
-        generator = TransformersGenerator(model, tokenizer, config.batch_size, source.description)
     method = METHODS[config.method]
-    if method.scored and labeller is None:
+    opened = generator is None
+    if generator is None:
+        from .generate.backends import open_generator
+
+        generator, make_labeller = open_generator(config)
+        if progress:
+            print(f"rlcd-data: generating with {config.backend} ({why})", file=sys.stderr)
+        if method.scored and labeller is None:
+            labeller = make_labeller()
+    elif method.scored and labeller is None:  # a generator given by the caller: label with its model
         from .labeller import TransformersLabeller
 
         if not hasattr(generator, "model"):
@@ -177,10 +186,14 @@ def build(
             _write_atomic(staging / STATE_FILE, json.dumps(state, indent=2))
         except OSError as e:
             raise RlcdError(f"{staging}: cannot write ({e.strerror})") from None
-    rows = previous_rows + _generate_rows(
-        todo, generator, config, stats, staging, progress, next_part, len(pairs), method=method, task=task,
-        labeller=labeller,
-    )
+    try:
+        rows = previous_rows + _generate_rows(
+            todo, generator, config, stats, staging, progress, next_part, len(pairs), method=method, task=task,
+            labeller=labeller,
+        )
+    finally:
+        if opened and hasattr(generator, "close"):
+            generator.close()  # a vLLM engine's processes and memory, now rather than at exit
     rows.sort(key=lambda r: r["source_index"])
     stats.dropped_source_indices.sort()
     stats.seconds = time.monotonic() - started
@@ -528,7 +541,7 @@ def _build_state(config: BuildConfig, task: Task, pairs: list[ContrastPair]) -> 
 
 
 # What builds did before a field existed, where that is not the field's default.
-BEFORE_FIELD = {"banned_characters": ""}
+BEFORE_FIELD = {"banned_characters": "", "backend": "transformers"}
 # What each checked part of a build's state stands for, in a refused resume's message.
 STATE_PARTS = {
     "prompts": "rendered prompts (prompt source, templates or descriptor pairs)",

@@ -55,12 +55,12 @@ def descriptors(data: PairData, path: Path) -> None:
     plt = _pyplot()
     indices = sorted(set(data.descriptor_index or []))
     counts = [data.descriptor_index.count(i) for i in indices]
-    labels = [f"{i}: {_short(data.descriptors.get(i, ''))}" for i in indices]
+    labels = [f"{i}: {_short(data.descriptors.get(i, '').split(' / ')[0])}" for i in indices]
     fig, ax = plt.subplots(figsize=(SIZE[0], max(SIZE[1], 0.32 * len(indices) + 1)))
     ax.barh(range(len(indices)), counts, color="tab:green")
     ax.set_yticks(range(len(indices)), labels, fontsize=8)
     ax.invert_yaxis()
-    ax.set(xlabel="pairs", title="Pairs per descriptor pair (positive / negative)")
+    ax.set(xlabel="pairs", title="Pairs per descriptor pair (its positive descriptor shown)")
     _save(fig, path)
 
 

@@ -113,18 +113,45 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
     step: generations end by themselves after a few tokens, and some run into
     a small token limit, so both success and retry paths are exercised.
     """
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_dir, hidden=64, heads=4, kv_heads=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_vllm_model_dir(tmp_path_factory, smollm2_dir) -> Path:
+    """The tiny Llama with 64-wide attention heads, which vLLM's CPU attention needs (13M parameters)."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama-vllm"), smollm2_dir, hidden=128, heads=2, kv_heads=1,
+                           eos_weight=0.7)
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(tiny_vllm_model_dir):
+    """One vLLM engine on the tiny model for the whole session (a start takes about half a minute)."""
+    from rlcd_data.generate.vllm_engine import VLLMEngine, vllm_available
+
+    missing = vllm_available()
+    if missing:
+        pytest.fail(f"{missing}: the vLLM tests need the `vllm` extra (make test installs it)")
+    engine = VLLMEngine(str(tiny_vllm_model_dir), dtype="float32", max_num_seqs=8, kv_cache_gib=0.5)
+    yield engine
+    engine.close()
+
+
+def make_tiny_llama(folder: Path, smollm2_dir: Path, hidden: int, heads: int, kv_heads: int,
+                    eos_weight: float = 1.0) -> Path:
+    """A random 2-layer Llama whose end-of-sequence chance per step is set by ``eos_weight``
+    (about 6% with the defaults, and for 128 wide with 0.7)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=4096,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -136,8 +163,7 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
         # A constant feature in every embedding survives to the last layer; only EOS reads it.
         model.model.embed_tokens.weight[:, 0] = 10.0
         model.lm_head.weight[:, 0] = 0.0
-        model.lm_head.weight[tokenizer.eos_token_id, 0] = 1.0
-    folder = tmp_path_factory.mktemp("tiny-llama")
+        model.lm_head.weight[tokenizer.eos_token_id, 0] = eos_weight
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

@@ -31,7 +31,7 @@ def test_build_with_tiny_model(tmp_path, capsys, tiny_model_dir):
     out_dir = tmp_path / "out"
     code, out, err = run(
         capsys, "build", "harmless", "--model", tiny_model_dir, "--limit", 6, "--max-new-tokens", 40,
-        "--batch-size", 4, "--output", out_dir, "--test-size", 2,
+        "--batch-size", 4, "--output", out_dir, "--test-size", 2, "--backend", "transformers",
     )
     assert code == 0, err
     assert "rlcd harmless" in err and "pair" in err and "tok/s" in err  # the progress bar

@@ -183,7 +183,7 @@ def assert_decoding_matches_plain_forward(model, tokenizer, prompts, monkeypatch
     generator's own attention) equals the model's plain forward over the prompt and the tokens so far."""
     import torch
 
-    from rlcd_data import generate
+    from rlcd_data.generate import transformers_engine as generate
 
     seen = []  # (request, tokens so far, logits)
     padded = []  # decoding steps where a cohort held left padding
@@ -264,7 +264,7 @@ def test_attention_soft_capping_is_refused_in_one_line(tiny):
 @pytest.mark.parametrize("max_cohorts", [1, 2, 8])
 def test_cohorts_change_no_output(tiny, monkeypatch, max_cohorts):
     """Rows admitted at different refills keep separate caches (cohorts), merged beyond MAX_COHORTS."""
-    from rlcd_data import generate
+    from rlcd_data.generate import transformers_engine as generate
 
     model, tokenizer = tiny
     settings = SamplingSettings(max_new_tokens=16)
@@ -311,7 +311,7 @@ def test_a_retry_continues_from_its_finished_rows_prompt_states(tiny, monkeypatc
 def test_packed_linears_compute_f_linear_and_a_rows_result_does_not_depend_on_its_batch():
     import torch
 
-    from rlcd_data.generate import _packed_forward
+    from rlcd_data.generate.transformers_engine import _packed_forward
 
     if not torch.backends.mkldnn.is_available():
         pytest.skip("no oneDNN in this torch build")
@@ -332,7 +332,7 @@ def test_packed_linears_are_restored_and_fall_back_together(tiny, monkeypatch):
     cannot be packed, none is."""
     import torch
 
-    from rlcd_data import generate
+    from rlcd_data.generate import transformers_engine as generate
 
     model, _ = tiny
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
@@ -358,7 +358,7 @@ def test_packed_linears_stand_in_for_the_weights_they_copy_and_restore_them_exac
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rlcd_data import generate
+    from rlcd_data.generate import transformers_engine as generate
 
     if not torch.backends.mkldnn.is_available():
         pytest.skip("no oneDNN in this torch build")
@@ -391,7 +391,7 @@ def test_packed_linears_release_the_checkpoint_file_mapping(tmp_path):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rlcd_data import generate
+    from rlcd_data.generate import transformers_engine as generate
 
     if not torch.backends.mkldnn.is_available():
         pytest.skip("no oneDNN in this torch build")

@@ -176,7 +176,8 @@ def test_build_push_to_hub(hub, tmp_path, tiny_model_dir):
     env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": TOKEN, "HF_HUB_OFFLINE": "0"}
     result = subprocess.run(
         [sys.executable, "-m", "rlcd_data", "build", "helpful", "--model", str(tiny_model_dir), "--limit", "2",
-         "--max-new-tokens", "40", "--output", str(tmp_path / "out"), "--push-to-hub", "bob/helpful"],
+         "--max-new-tokens", "40", "--output", str(tmp_path / "out"), "--push-to-hub", "bob/helpful",
+         "--backend", "transformers"],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert result.returncode == 0, result.stderr

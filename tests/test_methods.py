@@ -222,7 +222,7 @@ def test_each_method_end_to_end_with_the_tiny_model(tmp_path, tiny_model_dir, me
 
     out = tmp_path / method
     config = BuildConfig(task="harmless", prompts=str(prompts_file(tmp_path, 3)), output=str(out), method=method,
-                         model=str(tiny_model_dir), max_new_tokens=24, batch_size=4, max_retries=8)
+                         model=str(tiny_model_dir), backend="transformers", max_new_tokens=24, batch_size=4, max_retries=8)
     result = build(config, progress=False)
     rows = datasets.load_dataset(str(out), split="train").to_list()
     assert len(rows) == result.stats.pairs >= 1
@@ -236,8 +236,8 @@ def test_each_method_end_to_end_with_the_tiny_model(tmp_path, tiny_model_dir, me
 def test_rescore_generates_the_same_outputs_as_rlcd(tmp_path, tiny_model_dir):
     import datasets
 
-    common = dict(prompts=str(prompts_file(tmp_path, 3)), model=str(tiny_model_dir), max_new_tokens=24, batch_size=4,
-                  max_retries=8)
+    common = dict(prompts=str(prompts_file(tmp_path, 3)), model=str(tiny_model_dir), backend="transformers",
+                  max_new_tokens=24, batch_size=4, max_retries=8)
     build(BuildConfig(task="harmless", output=str(tmp_path / "a"), **common), progress=False)
     build(BuildConfig(task="harmless", output=str(tmp_path / "b"), method="rlcd-rescore", **common), progress=False)
     rlcd = datasets.load_dataset(str(tmp_path / "a"), split="train").to_list()

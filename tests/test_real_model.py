@@ -1,4 +1,4 @@
-"""Builds with the embedded SmolLM2-135M-Instruct (fp32, bf16 and 8-bit bitsandbytes on CPU)."""
+"""Builds with the embedded SmolLM2-135M-Instruct (fp32, bf16 and 8-bit bitsandbytes on CPU; vLLM)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ def test_build_harmless_with_smollm2(quantization, dtype, tmp_path, hh_dir, smol
         max_new_tokens=160,
         quantization=quantization,
         dtype=dtype,
+        backend="transformers",
         output=str(tmp_path / "out"),
     )
     result = build(config, progress=False)
@@ -37,3 +38,23 @@ def test_build_harmless_with_smollm2(quantization, dtype, tmp_path, hh_dir, smol
     assert f"dtype `{'float32' if dtype == 'auto' else dtype}`" in card  # 8-bit on CPU computes in fp32
     if quantization == "8bit":
         assert "bitsandbytes" in card
+
+
+@pytest.mark.vllm
+def test_build_harmless_with_smollm2_on_vllm(tmp_path, hh_dir, smollm2_dir):
+    """The embedded model on the vLLM backend: pairs pass the same filters, stop strings cut the text."""
+    import datasets
+
+    config = BuildConfig(task="harmless", prompts=str(hh_dir / "harmless-base-prompts.jsonl"), limit=4,
+                         max_new_tokens=160, backend="vllm", dtype="float32", kv_cache_gib=1.0,
+                         output=str(tmp_path / "out"))
+    result = build(config, progress=False)
+    assert result.stats.pairs + result.stats.examples_dropped == 4 and result.stats.pairs >= 1
+    rows = datasets.load_dataset(str(tmp_path / "out"), split="train").to_list()
+    for row in rows:
+        for side in ("chosen", "rejected"):
+            assert row[side].strip() and "Human:" not in row[side] and "\\" not in row[side]
+            assert 0 < row[f"{side}_tokens"] <= 160
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "SmolLM2-135M-Instruct" in card and "vLLM" in card and "backend: vllm" in (
+        tmp_path / "out" / "rlcd_build.yaml").read_text()

@@ -139,7 +139,7 @@ def test_resume_needs_an_interrupted_build(tmp_path, fake_generator):
 
 def _args(tiny_model_dir, hh_dir):
     return ["build", "harmless", "--model", str(tiny_model_dir), "--prompts", str(hh_dir / "harmless-base-prompts.jsonl"),
-            "--limit", "12", "--batch-size", "1", "--max-new-tokens", "40"]
+            "--limit", "12", "--batch-size", "1", "--max-new-tokens", "40", "--backend", "transformers"]
 
 
 @pytest.fixture(scope="module")
@@ -282,7 +282,7 @@ def test_auto_dtype_is_recorded_as_what_it_chose_and_a_resume_choosing_otherwise
     assert models.resolve_dtype("auto", "none") == "bfloat16"
     assert models.resolve_dtype("auto", "8bit") == "float32"  # bitsandbytes' CPU kernels take fp32 inputs
     config = dict(task="harmless", model=str(tiny_model_dir), prompts=str(prompts_file(tmp_path, n=3)),
-                  output=str(tmp_path / "out"), max_new_tokens=40)
+                  output=str(tmp_path / "out"), max_new_tokens=40, backend="transformers")
     loaded = []  # the dtype of each model the builds load
     load = models.load_causal_lm
 
@@ -322,7 +322,7 @@ def test_a_cpu_build_that_recorded_auto_resumes_as_the_float32_it_ran_in(tmp_pat
     from rlcd_data.pipeline import STAGING, STATE_FILE
 
     config = dict(task="harmless", model=str(tiny_model_dir), prompts=str(prompts_file(tmp_path, n=3)),
-                  output=str(tmp_path / "out"), max_new_tokens=40)
+                  output=str(tmp_path / "out"), max_new_tokens=40, backend="transformers")
     generate = TransformersGenerator.generate
 
     def interrupt(*args, **kwargs):

@@ -93,7 +93,7 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, tiny_model_dir):
     """
     prompts = prompts_file(tmp_path, 6)
     args = ["build", "harmless", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--batch-size", "4",
-            "--max-new-tokens", "24", "--max-retries", "8"]
+            "--max-new-tokens", "24", "--max-retries", "8", "--backend", "transformers"]
     accelerate = Path(sys.executable).parent / "accelerate"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(

@@ -207,7 +207,7 @@ def test_ppo_runs_updates_and_eval_policy(tiny_reward_model, tiny_model_dir, tmp
     samples = tmp_path / "samples.jsonl"
     assert main(["eval", "policy", "--policy", str(out), "--reward-model", str(tiny_reward_model),
                  "--prompts", str(prompts), "--limit", "4", "--max-new-tokens", "8", "--samples", str(samples),
-                 "--json"]) == 0
+                 "--json", "--backend", "transformers"]) == 0
     report = json.loads(capsys.readouterr().out)
     rows = [json.loads(line) for line in samples.read_text().splitlines()]
     assert report["prompts"] == len(rows) == 4 and report["base"] == str(tiny_model_dir)

@@ -31,6 +31,8 @@ def add_parser(sub) -> None:
     po.add_argument("--temperature", type=float, default=1.0)
     po.add_argument("--batch-size", type=int, default=16)
     po.add_argument("--seed", type=int, default=0)
+    po.add_argument("--backend", default="auto", choices=("auto", "vllm", "transformers"),
+                    help="Engine that samples (auto: vLLM where installed).")
     po.add_argument("--samples", default="eval-samples.jsonl", help="Where to write the samples (JSONL).")
     po.add_argument("--json", action="store_true", help="Print one JSON object instead of a summary.")
 
@@ -54,7 +56,7 @@ def run(args) -> int:
     report = evaluate_policy(
         args.policy, args.reward_model, args.prompts, base=args.base, prompt_column=args.prompt_column,
         split=args.split, limit=args.limit, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        batch_size=args.batch_size, seed=args.seed, samples_path=args.samples,
+        batch_size=args.batch_size, seed=args.seed, samples_path=args.samples, backend=args.backend,
     )
     return _report(
         args, args.policy, f"eval_policy_{_name(args.prompts)}", report,

