@@ -229,6 +229,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=["a", "b", "c"], help="run only these (ratios need a)")
     parser.add_argument("--default-kernels", action="store_true",
                         help="(b) without its oneDNN packed linears: the default kernels, as (a) uses")
+    parser.add_argument("--vllm-threads-bind", metavar="CPUS",
+                        help="(c) VLLM_CPU_OMP_THREADS_BIND, e.g. 0-1 for every core (vLLM's auto leaves one for its "
+                             "scheduler)")
     parser.add_argument("--vllm-compile", action="store_true",
                         help="(c) compiled instead of eager: cold compile cache in run 1, warm after")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -250,6 +253,8 @@ def measure(args) -> None:
           f" / {limit['flops_per_token'] / 1e6:.0f} MFLOP per token = {limit['ceiling_tokens_per_s']:.0f} tokens/s")
     runs = {w: [] for w in ("a", "b", "c") if args.only is None or w in args.only}
     compile_cache = {"VLLM_CACHE_ROOT": tempfile.mkdtemp(prefix="vllm-cache-")}  # empty for run 1: a cold start
+    if args.vllm_threads_bind:
+        compile_cache["VLLM_CPU_OMP_THREADS_BIND"] = args.vllm_threads_bind
     for run in range(args.runs):
         for which in runs:
             r = spawn(args, which, compile_cache if which == "c" else None)

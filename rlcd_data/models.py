@@ -110,6 +110,16 @@ def silence_bitsandbytes() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
+def _not_optional_kernel_notice(record: logging.LogRecord) -> bool:
+    return "from kernels-community" not in str(record.msg)
+
+
+def drop_optional_kernel_notice() -> None:
+    """bitsandbytes' CPU backend warns at import that the optional `kernels` package (a Hub download we
+    do not use) is missing; the message says nothing about this run. Other warnings still show."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_optional_kernel_notice)
+
+
 def cpu_has_native_bf16() -> bool:
     """The CPU multiplies bf16 natively (AVX512-BF16 or AMX): bf16 runs faster than fp32 there."""
     import torch

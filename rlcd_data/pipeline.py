@@ -50,6 +50,7 @@ class BuildResult:
     splits: dict[str, int]
     model: str
     shard: tuple[int, int] | None = None  # a shard's result: its rows wait in OUTPUT/.rlcd-build for `merge`
+    complete_before: bool = False  # --resume found the dataset already finished: nothing was generated
 
     def load_line(self) -> str:
         return f'datasets.load_dataset("{self.output}")'
@@ -133,6 +134,8 @@ def build(
         config = dataclasses.replace(config, dtype=resolve_dtype(config.dtype, config.quantization))
     out = Path(config.output)
     shard = config.shard()
+    if config.resume and shard is None and (finished := _finished_build(out, config)) is not None:
+        return finished  # a requeued job running the same command again converges on the same dataset
     check_output(out, config.overwrite, config.resume, shard)
     task, prompt_set, all_pairs = prepare(config)
     if generator is None:  # which engine runs is part of the record too (resume refuses another)
@@ -211,6 +214,31 @@ def build(
         )
     splits = output.write_dataset_folder(out, rows, config=config, task=task, stats=stats, model=generator.description)
     return BuildResult(out, config, stats, splits, generator.description)
+
+
+def _finished_build(out: Path, config: BuildConfig) -> BuildResult | None:
+    """The build already finished in ``out``, if it has one and no interrupted one.
+
+    Raises:
+        RlcdError: the finished build's configuration differs from ``config``.
+    """
+    import pyarrow.parquet as pq
+
+    from .config import CONFIG_FILENAME, read_config_file
+
+    if (out / STAGING / STATE_FILE).is_file() or not (out / CONFIG_FILENAME).is_file() or not (out / "data").is_dir():
+        return None
+    saved = read_config_file(out / CONFIG_FILENAME)
+    differ = [
+        f"{k}: {saved[k]!r} -> {v!r}" for k, v in config.output_fields().items()
+        if k in saved and saved[k] != v and not (k == "backend" and v == "auto")  # auto: whichever ran
+    ]
+    if differ:
+        raise RlcdError(f"{out}: holds a finished build with another configuration ({', '.join(differ)}); "
+                        "pass --overwrite to replace it")
+    splits = {p.name.split("-")[0]: pq.ParquetFile(p).metadata.num_rows for p in sorted((out / "data").glob("*.parquet"))}
+    stats = BuildStats(pairs=sum(splits.values()))
+    return BuildResult(out, config, stats, splits, model=str(saved.get("model")), complete_before=True)
 
 
 def _generate_rows(

@@ -137,6 +137,25 @@ def test_resume_needs_an_interrupted_build(tmp_path, fake_generator):
         build(BuildConfig(task="harmless", output=str(tmp_path / "none"), resume=True), generator=fake_generator())
 
 
+def test_resume_of_a_finished_build_succeeds_without_generating(tmp_path, fake_generator, capsys, monkeypatch):
+    """A requeued job runs the same command again: it converges on the same dataset, exit 0."""
+    config = dict(task="harmless", prompts=str(prompts_file(tmp_path)), output=str(tmp_path / "out"))
+    build(BuildConfig(**config), generator=fake_generator(), progress=False)
+    before = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    generator = fake_generator()
+    result = build(BuildConfig(**config, resume=True), generator=generator, progress=False)
+    assert result.complete_before and result.stats.pairs == 6 and result.splits == {"train": 6}
+    assert generator.requests == []
+    assert {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == before
+    with pytest.raises(RlcdError, match=r"finished build with another configuration \(seed: 0 -> 3\)"):
+        build(BuildConfig(**config, seed=3, resume=True), generator=fake_generator(), progress=False)
+    import rlcd_data.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "build", lambda config, **kw: result)
+    assert main(["build", "harmless", "--prompts", config["prompts"], "--output", config["output"], "--resume"]) == 0
+    assert "already complete (6 pairs)" in capsys.readouterr().out
+
+
 def _args(tiny_model_dir, hh_dir):
     return ["build", "harmless", "--model", str(tiny_model_dir), "--prompts", str(hh_dir / "harmless-base-prompts.jsonl"),
             "--limit", "12", "--batch-size", "1", "--max-new-tokens", "40", "--backend", "transformers"]

@@ -34,6 +34,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (2 for bad input, 130 when interrupted)."""
+    from ..models import drop_optional_kernel_notice
+
+    drop_optional_kernel_notice()
     try:
         args = make_parser().parse_args(argv)
     except SystemExit as e:  # --help (0) or a bad flag (2), already printed

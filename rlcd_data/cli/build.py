@@ -47,6 +47,10 @@ def run(args) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     s = result.stats
+    if result.complete_before:
+        print(f"{result.output}: the dataset is already complete ({s.pairs} pairs); nothing to resume")
+        print(f"load it with: {result.load_line()}")
+        return 0
     if result.shard is not None:
         index, count = result.shard
         print(
