@@ -71,6 +71,8 @@ class VLLMEngine:
         kwargs = dict(
             model=model, dtype=dtype, max_num_seqs=max_num_seqs, tensor_parallel_size=tensor_parallel_size,
             enable_prefix_caching=True, seed=seed, disable_log_stats=True,
+            # a labelling call made while a build's generation requests are queued goes first
+            scheduling_policy="priority",
             # labels read the probability of A among {A, B}: logprobs after the token whitelist
             logprobs_mode="processed_logprobs",
             # compiling takes minutes at every start on CPU and its cache does not load back: eager there
@@ -103,9 +105,10 @@ class VLLMEngine:
             self._allowed[banned_characters] = [i for i in range(vocabulary) if i not in banned] if banned else None
         return self._allowed[banned_characters]
 
-    def run(self, requests, on_finished) -> None:
+    def run(self, requests, on_finished, priority: int = 0) -> None:
         """Run ``(request_id, prompt, SamplingParams)`` requests; ``on_finished(outputs)`` after each engine
-        step that finished some, which may return more requests to add.
+        step that finished some, which may return more requests to add. Requests of a lower ``priority``
+        value are scheduled before those already waiting (vLLM's priority scheduling).
 
         Prompts are tokenized as the transformers engine does (no special
         tokens added), so both engines see the same token ids.
@@ -115,7 +118,7 @@ class VLLMEngine:
 
         def add(request_id, prompt, params):
             ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            engine.add_request(request_id, {"prompt_token_ids": ids}, params)
+            engine.add_request(request_id, {"prompt_token_ids": ids}, params, priority=priority)
             mine.add(request_id)
 
         for request in requests:
@@ -243,5 +246,6 @@ class VLLMLabeller:
                 (step,) = output.outputs[0].logprobs
                 probabilities[output.request_id] = math.exp(step[a].logprob)
 
-        self.engine.run([(f"label-{call}-{i}", p, params) for i, p in enumerate(prompts)], on_finished)
+        # Labels are asked for while a build's generation requests wait in the engine: they go first.
+        self.engine.run([(f"label-{call}-{i}", p, params) for i, p in enumerate(prompts)], on_finished, priority=-1)
         return [probabilities[f"label-{call}-{i}"] for i in range(len(prompts))]
