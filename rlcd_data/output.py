@@ -154,8 +154,8 @@ def write_dataset_folder(
 
 def quality_report(dataset, folder: Path, config: BuildConfig) -> str:
     """The model-free quality report of the pairs: plots under ``folder/images/``, the card section returned."""
-    from .quality import pair_data, report, verdicts
-    from .report import card_section
+    from .quality import pair_data, report
+    from .report import card_section, verdicts
 
     data = pair_data(dataset, max_new_tokens=config.max_new_tokens)
     result = report(data, seed=config.seed)

@@ -65,7 +65,7 @@ def inspect_dataset(
         from .quality_models import reward_model_separability as rm_separability
 
         result["reward_model_separability"] = rm_separability(table, folds=folds)
-    result["verdicts"] = quality.verdicts(result)
+    result["verdicts"] = verdicts(result)
     if write_card:
         from .plots import write_report_plots
 
@@ -82,7 +82,7 @@ def card_section(result: dict, images: list[str], matched: str | None = None) ->
 
     body = JINJA.from_string((resource_dir("cards") / CARD_TEMPLATE).read_text()).render(
         r=result, s=result["shape"], l=result["lengths"], sep=result["lexical_separability"],
-        verdicts=result.get("verdicts") or quality.verdicts(result), images=images, matched=matched,
+        verdicts=result.get("verdicts") or verdicts(result), images=images, matched=matched,
     )
     return f"{BEGIN}\n{body.strip()}\n{END}\n"
 
@@ -132,7 +132,7 @@ def compare_datasets(sources: list[str], *, split: str = "train", folds: int = q
             from .quality_models import judge_agreement
 
             result["judge"] = judge_agreement(table, judge)
-        result["verdicts"] = quality.verdicts(result)
+        result["verdicts"] = verdicts(result)
         reports[name] = result
     if plot:
         from .plots import length_differences
@@ -189,3 +189,42 @@ def _mm(summary: dict) -> str:
 
 def _words(words: list[dict], n: int = 5) -> str:
     return ", ".join(w["word"] for w in words[:n]) or "none"
+
+
+def verdicts(result: dict) -> list[str]:
+    """Plain sentences on what the report says about training on the data."""
+    lines = []
+    sep = result.get("lexical_separability")
+    if sep is None:
+        lines.append("Too few pairs to estimate lexical separability.")
+    elif sep["ci95"][0] <= 0.5:
+        lines.append(
+            f"No lexical signal: a bag-of-words classifier tells chosen from rejected in {sep['accuracy']:.0%} of "
+            f"held-out pairs (95% interval {sep['ci95'][0]:.0%}-{sep['ci95'][1]:.0%}), not above chance. "
+            "A reward model may learn nothing from these labels."
+        )
+    else:
+        lines.append(
+            f"Lexical signal: a bag-of-words classifier tells chosen from rejected in {sep['accuracy']:.0%} of "
+            f"held-out pairs (95% interval {sep['ci95'][0]:.0%}-{sep['ci95'][1]:.0%}); the most characteristic "
+            "words of each side show whether that signal is the attribute."
+        )
+    lengths = result["lengths"]
+    rule = lengths["longer_is_chosen_accuracy"]
+    if abs(rule - 0.5) >= 0.15:
+        side = "longer" if rule > 0.5 else "shorter"
+        lines.append(
+            f"Length bias: the {side} response is chosen in {max(rule, 1 - rule):.0%} of pairs; "
+            "a reward model trained on this data may learn length."
+        )
+    judge = result.get("judge")
+    if judge is not None:
+        low, high = judge["ci95"]
+        verdict = "agrees with the labels beyond chance" if low > 0.5 else (
+            "disagrees with the labels" if high < 0.5 else "does not agree with the labels beyond chance")
+        lines.append(f"The judge {verdict}: {judge['accuracy']:.0%} (95% interval {low:.0%}-{high:.0%}).")
+    shape_ = result["shape"]
+    same = shape_["identical"] + shape_["near_identical"]
+    if result["pairs"] and same / result["pairs"] >= 0.05:
+        lines.append(f"{same} pairs ({same / result['pairs']:.0%}) are identical or near-identical: they carry no label.")
+    return lines
