@@ -251,7 +251,7 @@ def measure(args) -> None:
     rates = ", ".join(f"{k} {v:.1f}" for k, v in limit["rates_gflops"].items())
     print(f"ceiling: {limit['matmul_gflops']:.1f} GFLOP/s matmul ({limit['kernel']}; measured GFLOP/s: {rates})"
           f" / {limit['flops_per_token'] / 1e6:.0f} MFLOP per token = {limit['ceiling_tokens_per_s']:.0f} tokens/s")
-    runs = {w: [] for w in ("a", "b", "c") if args.only is None or w in args.only}
+    runs = {w: [] for w in (args.only or ("a", "b", "c"))}  # in the order given
     compile_cache = {"VLLM_CACHE_ROOT": tempfile.mkdtemp(prefix="vllm-cache-")}  # empty for run 1: a cold start
     if args.vllm_threads_bind:
         compile_cache["VLLM_CPU_OMP_THREADS_BIND"] = args.vllm_threads_bind

@@ -223,8 +223,10 @@ def characteristic_words(chosen: list[str], rejected: list[str], top: int = TOP_
     y_r = np.asarray(counts[len(chosen) :].sum(axis=0)).ravel().astype(float)
     alpha = y_c + y_r
     n_c, n_r, a0 = y_c.sum(), y_r.sum(), alpha.sum()
-    delta = np.log((y_c + alpha) / (n_c + a0 - y_c - alpha)) - np.log((y_r + alpha) / (n_r + a0 - y_r - alpha))
-    z = delta / np.sqrt(1 / (y_c + alpha) + 1 / (y_r + alpha))
+    with np.errstate(divide="ignore", invalid="ignore"):  # a word that is a whole side's text has no odds
+        delta = np.log((y_c + alpha) / (n_c + a0 - y_c - alpha)) - np.log((y_r + alpha) / (n_r + a0 - y_r - alpha))
+        z = delta / np.sqrt(1 / (y_c + alpha) + 1 / (y_r + alpha))
+    z = np.where(np.isfinite(z), z, 0.0)  # ranks neither side
     words = vectorizer.get_feature_names_out()
     order = np.argsort(z)
 

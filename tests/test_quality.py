@@ -98,6 +98,11 @@ def test_characteristic_words_match_the_monroe_formula():
     assert all(w["z"] > 0 for w in words["chosen"]) and all(w["z"] < 0 for w in words["rejected"])
 
 
+def test_characteristic_words_of_sides_that_are_one_word_are_none(recwarn):
+    assert quality.characteristic_words(["yes", "yes"], ["yes"]) == {"chosen": [], "rejected": []}
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
 def test_soft_labels_histogram_and_agreement_with_construction():
     pairs = [("a.", "b.")] * 4
     d = data(pairs, probabilities=[0.5, 0.55, 0.9, 1.0], chosen_is_p_plus=[True, False, True, True])
