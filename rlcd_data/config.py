@@ -103,8 +103,9 @@ class BuildConfig:
         default="auto",
         metadata={
             "help": "Generation engine. vllm = vLLM (`pip install 'rlcd-data[vllm]'`); transformers = the built-in "
-            "engine on transformers (needed for 8-/4-bit bitsandbytes on a CPU). auto = vllm where it is installed "
-            "and can run the request, else transformers. The build records which one ran.",
+            "engine on transformers (needed for 8-/4-bit bitsandbytes on a CPU). auto = vllm on a GPU where it is "
+            "installed and can run the request, transformers on a CPU (measured faster there) and otherwise. "
+            "The build records which one ran.",
             "choices": BACKENDS,
         },
     )

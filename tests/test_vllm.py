@@ -159,8 +159,12 @@ def test_backend_errors_are_one_line(capsys, tmp_path, monkeypatch):
     assert "--backend transformers" in err
     from rlcd_data.generate import backends
 
+    assert backends.choose_backend("auto", "none")[0] == "transformers"  # on a CPU: measured faster there
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    assert backends.choose_backend("auto", "none") == ("vllm", "vLLM is installed")
     monkeypatch.setattr("rlcd_data.generate.vllm_engine.vllm_available", lambda: "vLLM cannot be imported (x)")
     assert backends.choose_backend("auto", "none") == ("transformers", "vLLM cannot be imported (x)")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     code = main(["build", "harmless", "--backend", "vllm", "--output", str(tmp_path / "o2")])
     err = capsys.readouterr().err
     assert code == 2 and "pip install 'rlcd-data[vllm]'" in err.strip().splitlines()[-1]

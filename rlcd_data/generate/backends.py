@@ -19,6 +19,9 @@ def _quantized(quantization: str, cuda: bool) -> str | None:
 def choose_backend(backend: str, quantization: str) -> tuple[str, str]:
     """(engine, why) for ``--backend`` and ``--quantization`` on this machine.
 
+    ``auto`` is vLLM on a GPU where it is installed, and the transformers
+    engine on a CPU, where it measured 1.3x vLLM-CPU's pairs/s before
+    vLLM's start-up (64 HH prompts, fp32, 2 cores; docs/benchmarks.md).
     vLLM runs bitsandbytes 4-bit on a GPU only; 8-bit bitsandbytes, and any
     bitsandbytes on a CPU, stay on transformers.
 
@@ -47,6 +50,8 @@ def choose_backend(backend: str, quantization: str) -> tuple[str, str]:
         return "vllm", "--backend vllm"
     if blocker:
         return "transformers", blocker.split(";")[0]
+    if not cuda:  # measured: docs/benchmarks.md
+        return "transformers", "on a CPU the built-in engine measured faster than vLLM-CPU; --backend vllm to use it"
     missing = vllm_available()
     if missing:
         return "transformers", missing
