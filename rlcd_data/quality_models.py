@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -55,6 +54,7 @@ def reward_model_separability(
     import numpy as np
     from sklearn.model_selection import KFold
 
+    from .evaluate import write_jsonl
     from .train import reward
 
     n = len(table)
@@ -66,8 +66,8 @@ def reward_model_separability(
     with tempfile.TemporaryDirectory(prefix="rlcd-separability-") as tmp:
         for k, (train, test) in enumerate(KFold(n_splits=folds, shuffle=True, random_state=seed).split(np.arange(n))):
             train_file, test_file = Path(tmp) / f"train-{k}.jsonl", Path(tmp) / f"test-{k}.jsonl"
-            _write_jsonl(train_file, [rows[i] for i in train])
-            _write_jsonl(test_file, [rows[i] for i in test])
+            write_jsonl(train_file, [rows[i] for i in train])
+            write_jsonl(test_file, [rows[i] for i in test])
             metrics = reward.main([
                 "--dataset", str(train_file), "--model", base, "--preset", preset, "--seed", str(seed),
                 "--output_dir", str(Path(tmp) / f"model-{k}"), "--eval_pairs", str(test_file),
@@ -78,9 +78,3 @@ def reward_model_separability(
     low, high = wilson_interval(right, n)
     return {"accuracy": right / n, "ci95": [low, high], "folds": folds, "per_fold": per_fold, "base": base,
             "preset": preset}
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")

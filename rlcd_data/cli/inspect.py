@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from ..quality import FOLDS, NEAR_IDENTICAL
+
 
 def add_parser(sub) -> None:
     parser = sub.add_parser(
@@ -14,8 +16,9 @@ def add_parser(sub) -> None:
                         help="Pair dataset: a folder `build` wrote, a Hub dataset, an HH-RLHF-style file.")
     add_report_arguments(parser)
     parser.add_argument("--limit", type=int, help="First N pairs only.")
-    parser.add_argument("--threshold", type=float, default=0.9,
-                        help="Near-identical: cosine similarity of word 1-2-gram counts at or above this (default 0.9).")
+    parser.add_argument("--threshold", type=float, default=NEAR_IDENTICAL,
+                        help=f"Near-identical: cosine similarity of word 1-2-gram counts at or above this "
+                             f"(default {NEAR_IDENTICAL}).")
     parser.add_argument("--separability", choices=("lexical", "reward-model"), default="lexical",
                         help="reward-model also trains a MiniLM reward model per fold (slow).")
     parser.add_argument("--write-card", action="store_true",
@@ -24,7 +27,7 @@ def add_parser(sub) -> None:
 
 def add_report_arguments(parser) -> None:
     parser.add_argument("--split", default="train", help="Split of a dataset folder or Hub dataset.")
-    parser.add_argument("--folds", type=int, default=5, help="Folds of the separability estimates (default 5).")
+    parser.add_argument("--folds", type=int, default=FOLDS, help=f"Folds of the separability estimates (default {FOLDS}).")
     parser.add_argument("--judge", metavar="DIR",
                         help="Reward model folder: the share of pairs whose chosen it prefers.")
     parser.add_argument("--json", action="store_true", help="Print one JSON object instead of a table.")
