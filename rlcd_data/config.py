@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from .errors import RlcdError
-from .generate import PAPER_BANNED_CHARACTERS
+from .generate import PAPER_BANNED_CHARACTERS, SamplingSettings
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 CONFIG_FILENAME = "rlcd_build.yaml"
@@ -19,6 +19,10 @@ QUANTIZATIONS = ("auto", "8bit", "4bit", "none")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 BACKENDS = ("auto", "vllm", "transformers")
 FORMATS = ("standard", "conversational")
+PROMPT_FORMATS = ("auto", "text", "chat")
+# Sampling temperature per prompt format: the paper's 1.0 for text; 0.7 for chat, where it measured
+# more separable pairs with the embedded instruct model (docs/tasks.md).
+DEFAULT_TEMPERATURE = {"text": 1.0, "chat": 0.7}
 METHODS = ("rlcd", "rlaif", "rlcd-rescore", "context-distillation")
 SCORED_METHODS = ("rlaif", "rlcd-rescore")
 
@@ -119,7 +123,30 @@ class BuildConfig:
         metadata={"help": "Sequences decoded together; finished ones are replaced from the queue (the paper used 16)."},
     )
     max_new_tokens: int = field(default=300, metadata={"help": "Token limit per response (the paper's 300)."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (the paper's 1.0)."})
+    prompt_format: str = field(
+        default="auto",
+        metadata={
+            "help": "How p+/p- reach the model. text = the paper's `Human: ... Assistant (descriptor):` text (for "
+            "base models); chat = the descriptor in a system message and the conversation through the model's "
+            "own chat template (for instruct models; the task needs system.jinja). auto = chat when the task and "
+            "the model's tokenizer both have one, text otherwise. The build records which one ran.",
+            "choices": PROMPT_FORMATS,
+        },
+    )
+    temperature: float | None = field(
+        default=None,
+        metadata={
+            "help": f"Sampling temperature. Default: {DEFAULT_TEMPERATURE['text']} in the text format (the paper's), "
+            f"{DEFAULT_TEMPERATURE['chat']} in the chat format (see docs/tasks.md)."
+        },
+    )
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling: keep the smallest set of tokens with this "
+                                                         "much probability (1 = off, the paper's)."})
+    top_k: int = field(default=0, metadata={"help": "Sample from the k most likely tokens only (0 = off, the paper's)."})
+    repetition_penalty: float = field(
+        default=1.0,
+        metadata={"help": "Divide the logits of tokens already in the prompt or output by this (1 = off, the paper's)."},
+    )
     banned_characters: str = field(
         default=PAPER_BANNED_CHARACTERS,
         metadata={
@@ -172,8 +199,14 @@ class BuildConfig:
             raise RlcdError(f"limit must be at least 1, got {self.limit}")
         if self.max_retries < 0:
             raise RlcdError(f"max_retries must be 0 or more, got {self.max_retries}")
-        if self.temperature <= 0:
+        if self.temperature is not None and self.temperature <= 0:
             raise RlcdError(f"temperature must be positive, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise RlcdError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise RlcdError(f"top_k must be 0 (off) or more, got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise RlcdError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
         if self.test_size < 0 or (self.test_size >= 1 and self.test_size != int(self.test_size)):
             raise RlcdError(f"test_size must be a fraction in (0, 1) or a whole number of pairs, got {self.test_size}")
         if self.overwrite and self.resume:
@@ -186,6 +219,18 @@ class BuildConfig:
             raise RlcdError("--num-shards and --shard-index go together")
         if self.num_shards is not None and not (self.num_shards >= 1 and 0 <= self.shard_index < self.num_shards):
             raise RlcdError(f"--shard-index must be in 0..{self.num_shards - 1} for --num-shards {self.num_shards}")
+
+    def with_prompt_format(self, resolved: str) -> BuildConfig:
+        """This configuration with ``auto`` format and default temperature replaced by what they stand for."""
+        temperature = DEFAULT_TEMPERATURE[resolved] if self.temperature is None else self.temperature
+        return dataclasses.replace(self, prompt_format=resolved, temperature=temperature)
+
+    def sampling(self) -> SamplingSettings:
+        """The sampling settings of this build (its format resolved)."""
+        return SamplingSettings(
+            max_new_tokens=self.max_new_tokens, temperature=self.temperature, banned_characters=self.banned_characters,
+            top_p=self.top_p, top_k=self.top_k, repetition_penalty=self.repetition_penalty,
+        )
 
     def shard(self) -> tuple[int, int] | None:
         """(index, count) of this process's shard, from the flags or a launcher's RANK/WORLD_SIZE; None if unsharded."""

@@ -89,6 +89,16 @@ def as_completion(prompt: str, response: str) -> str:
     return response
 
 
+def prompt_messages(prompt: str) -> tuple[list[dict], str]:
+    """A prompt's conversation as chat messages (Human -> user, Assistant -> assistant), and the text
+    after its final Assistant tag: the start of the reply the prompt forces (e.g. "Here is a possible
+    outline:"), stripped; "" for most prompts."""
+    cut = prompt.rfind(ASSISTANT_TAG)
+    head, prefix = (prompt[:cut], prompt[cut + len(ASSISTANT_TAG) :]) if cut >= 0 else (prompt, "")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[t.role], "content": t.text.strip()} for t in parse_prompt(head)], prefix.strip()
+
+
 def to_messages(prompt: str, response: str | None = None) -> tuple[list[dict], list[dict]]:
     """Split a prompt (+ response) into chat messages for TRL's conversational format.
 
@@ -98,11 +108,8 @@ def to_messages(prompt: str, response: str | None = None) -> tuple[list[dict], l
     Returns:
         (prompt_messages, completion_messages); the latter is empty without a response.
     """
-    cut = prompt.rfind(ASSISTANT_TAG)
-    head, prefix = (prompt[:cut], prompt[cut + len(ASSISTANT_TAG) :]) if cut >= 0 else (prompt, "")
-    roles = {"Human": "user", "Assistant": "assistant"}
-    messages = [{"role": roles[t.role], "content": t.text.strip()} for t in parse_prompt(head)]
+    messages, prefix = prompt_messages(prompt)
     if response is None:
         return messages, []
-    content = (prefix.strip() + " " + response).strip() if prefix.strip() else response
+    content = (prefix + " " + response).strip() if prefix else response
     return messages, [{"role": "assistant", "content": content}]

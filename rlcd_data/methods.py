@@ -99,7 +99,9 @@ def base_row(pair: ContrastPair, method: Method, outputs: dict[str, str], count_
     return row
 
 
-def label_rows(rows: list[dict], *, method: Method, task: Task, labeller, seed: int, both_orders: bool) -> list[dict]:
+def label_rows(
+    rows: list[dict], *, method: Method, task: Task, labeller, seed: int, both_orders: bool, chat=None
+) -> list[dict]:
     """Label scored rows with the simulator's A/B preference, in one batched labeller call.
 
     Before: ``chosen`` is the first output (p+ for rlcd-rescore, sample a for
@@ -109,7 +111,8 @@ def label_rows(rows: list[dict], *, method: Method, task: Task, labeller, seed: 
 
     rlcd-rescore shows the two outputs in a per-example random order (seeded);
     with ``both_orders`` every pair is scored as (A, B) and (B, A) and the two
-    probabilities averaged, cancelling the labeller's position bias.
+    probabilities averaged, cancelling the labeller's position bias. ``chat``
+    (a `ChatRenderer`) puts the comparison in the labeller's chat format.
     """
     if not method.scored or not rows:
         return rows
@@ -126,7 +129,7 @@ def label_rows(rows: list[dict], *, method: Method, task: Task, labeller, seed: 
         key = row["descriptor_index"] if "descriptor_index" in row else row["instruction_index"]
         for first_is_a in orders:
             a, b = (row["chosen"], row["rejected"]) if first_is_a else (row["rejected"], row["chosen"])
-            prompts.append(task.render_comparison(row["prompt"], key, a, b))
+            prompts.append(task.render_comparison(row["prompt"], key, a, b, chat))
     p_a = iter(labeller.first_option_probability(prompts))
     labelled = []
     for row, orders in zip(rows, layout):

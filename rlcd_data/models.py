@@ -138,6 +138,21 @@ def resolve_dtype(dtype: str, quantization: str) -> str:
     return "bfloat16" if quantization in ("auto", "none") and cpu_has_native_bf16() else "float32"
 
 
+def load_tokenizer(name: str):
+    """The tokenizer of ``--model`` alone (for rendering prompts before the model loads).
+
+    Raises:
+        RlcdError: the model is not available.
+    """
+    from transformers import AutoTokenizer
+
+    source = resolve_model(name)
+    try:
+        return AutoTokenizer.from_pretrained(source.path)
+    except OSError as e:
+        raise model_not_found(name, str(e).splitlines()[0]) from None
+
+
 def load_causal_lm(name: str, quantization: str = "auto", dtype: str = "auto"):
     """Load model and tokenizer for generation.
 

@@ -9,16 +9,19 @@ import shutil
 import sys
 import time
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .chat import ChatRenderer, resolve_format
 from .config import BuildConfig
 from .conversation import extract_response
 from .errors import RlcdError
-from .generate import Generator, SamplingSettings, request_seed
+from .generate import Generator, request_seed
 from .methods import METHODS, Method, base_row, label_rows, supported
 from .prompts import PromptSet, load_prompts
 from .labeller import Labeller
+from .models import load_tokenizer
 from .tasks import COMPARE_FILE, ContrastPair, Task, load_task
 
 STAGING = ".rlcd-build"  # completed pairs land here as the build goes
@@ -84,11 +87,26 @@ def check_output(out: Path, overwrite: bool, resume: bool = False, shard: tuple[
         raise RlcdError(f"{out}: output folder exists and is not empty (pass --overwrite to replace it{hint})")
 
 
-def prepare(config: BuildConfig) -> tuple[Task, PromptSet, list[ContrastPair]]:
-    """Everything that can fail on bad input, done before any model is loaded.
+@dataclass
+class Plan:
+    """A build's inputs, checked and rendered: everything that can fail on bad input."""
+
+    config: BuildConfig  # its prompt format (and so the default temperature) resolved
+    task: Task
+    prompt_set: PromptSet
+    pairs: list[ContrastPair]
+    chat: ChatRenderer | None  # the simulator's chat template, in the chat format
+
+
+def prepare(config: BuildConfig, tokenizer: Callable[[], object] | None = None) -> Plan:
+    """Check the task and prompts and render every contrast pair, before any model is loaded.
+
+    Args:
+        tokenizer: returns the simulator's tokenizer (or None), asked only when the chat format
+            may apply; default: load the tokenizer of ``config.model``.
 
     Raises:
-        RlcdError: unknown task, bad templates, bad prompt source.
+        RlcdError: unknown task, bad templates, bad prompt source, a chat format that cannot apply.
     """
     task = load_task(config.task, config.templates)
     if config.method not in supported(task):
@@ -102,8 +120,14 @@ def prepare(config: BuildConfig) -> tuple[Task, PromptSet, list[ContrastPair]]:
     prompt_set = load_prompts(
         source, task_input=task.input, column=config.prompt_column, split=config.split, limit=config.limit
     )
-    pairs = [task.render_pair(p.text, p.source_index, config.seed) for p in prompt_set.prompts]
-    return task, prompt_set, pairs
+    loaded = None
+    if config.prompt_format != "text" and task.has_chat:
+        loaded = tokenizer() if tokenizer is not None else load_tokenizer(config.model)
+    resolved = resolve_format(config.prompt_format, task.has_chat, loaded, task.name, config.model)
+    config = config.with_prompt_format(resolved)
+    chat = ChatRenderer(loaded, config.model) if resolved == "chat" else None
+    pairs = [task.render_pair(p.text, p.source_index, config.seed, chat) for p in prompt_set.prompts]
+    return Plan(config, task, prompt_set, pairs, chat)
 
 
 def build(
@@ -134,10 +158,11 @@ def build(
         config = dataclasses.replace(config, dtype=resolve_dtype(config.dtype, config.quantization))
     out = Path(config.output)
     shard = config.shard()
+    plan = prepare(config, None if generator is None else lambda: getattr(generator, "tokenizer", None))
+    config, task, prompt_set, all_pairs = plan.config, plan.task, plan.prompt_set, plan.pairs
     if config.resume and shard is None and (finished := _finished_build(out, config)) is not None:
         return finished  # a requeued job running the same command again converges on the same dataset
     check_output(out, config.overwrite, config.resume, shard)
-    task, prompt_set, all_pairs = prepare(config)
     if generator is None:  # which engine runs is part of the record too (resume refuses another)
         from .generate.backends import choose_backend
 
@@ -192,7 +217,7 @@ def build(
     try:
         rows = previous_rows + _generate_rows(
             todo, generator, config, stats, staging, progress, next_part, len(pairs), method=method, task=task,
-            labeller=labeller,
+            labeller=labeller, chat=plan.chat,
         )
     finally:
         if opened and hasattr(generator, "close"):
@@ -254,6 +279,7 @@ def _generate_rows(
     method: Method = METHODS["rlcd"],
     task: Task | None = None,
     labeller: Labeller | None = None,
+    chat: ChatRenderer | None = None,
 ) -> list[dict]:
     """Generate every output of every example (both sides of a pair for RLCD), label scored
     methods, and write completed rows to ``staging`` as they finish.
@@ -271,7 +297,7 @@ def _generate_rows(
     from tqdm.auto import tqdm
 
     sides = method.sides
-    settings = SamplingSettings(config.max_new_tokens, config.temperature, config.banned_characters)
+    settings = config.sampling()
     chunk = 64 * config.batch_size  # pairs per generate() call
     responses: dict[tuple[int, str], str] = {}
     next_attempt: dict[tuple[int, str], int] = {}  # outputs still pending -> first attempt not yet tried
@@ -308,7 +334,8 @@ def _generate_rows(
             for i in indices
         ]
         new_rows = label_rows(
-            new_rows, method=method, task=task, labeller=labeller, seed=config.seed, both_orders=config.label_both_orders
+            new_rows, method=method, task=task, labeller=labeller, seed=config.seed, both_orders=config.label_both_orders,
+            chat=chat,
         )
         records = new_rows + [{"dropped_source_index": k} for k in lost]  # dropped: a resume skips them too
         if not records:
@@ -569,7 +596,7 @@ def _build_state(config: BuildConfig, task: Task, pairs: list[ContrastPair]) -> 
 
 
 # What builds did before a field existed, where that is not the field's default.
-BEFORE_FIELD = {"banned_characters": "", "backend": "transformers"}
+BEFORE_FIELD = {"banned_characters": "", "backend": "transformers", "prompt_format": "text"}
 # What each checked part of a build's state stands for, in a refused resume's message.
 STATE_PARTS = {
     "prompts": "rendered prompts (prompt source, templates or descriptor pairs)",

@@ -2,7 +2,9 @@
 
 A task is a folder with ``task.yaml`` (name, version, input kind, descriptor
 pairs), ``prompt.jinja`` (the unmodified prompt), ``p_plus.jinja`` and
-``p_minus.jinja``. All templates render in one sandboxed Jinja environment
+``p_minus.jinja`` (the text format), and optionally ``system.jinja`` (the chat
+format: the system message, given one ``descriptor``; see `rlcd_data.chat`) and
+``compare.jinja`` (the A/B labeller). All templates render in one sandboxed Jinja environment
 with ``StrictUndefined``: a misspelt variable is an error, never a blank.
 """
 
@@ -17,6 +19,7 @@ import jinja2.meta
 import yaml
 from jinja2.sandbox import SandboxedEnvironment
 
+from .chat import ChatRenderer
 from .conversation import Turn, parse_prompt
 from .errors import RlcdError
 from .resources import resource_dir
@@ -32,6 +35,10 @@ TEMPLATE_FILES = {"prompt": "prompt.jinja", "p_plus": "p_plus.jinja", "p_minus":
 # supports only the methods that need no scorer).
 COMPARE_FILE = "compare.jinja"
 COMPARE_VARIABLES = {"instruction", "response_a", "response_b"}
+ANSWER_START = "The answer is: ("  # how compare.jinja ends: the next token is the label
+# The chat format's system message: rendered once per side, so p+ and p- differ in the descriptor alone.
+SYSTEM_FILE = "system.jinja"
+SYSTEM_VARIABLES = {"descriptor"}
 
 # User templates are untrusted input: sandboxed, and strict about undefined names.
 JINJA = SandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False, autoescape=False)
@@ -72,12 +79,19 @@ class Task:
     def has_scorer(self) -> bool:
         return "compare" in self.templates
 
+    @property
+    def has_chat(self) -> bool:
+        return "system" in self.templates
+
     def instruction_index(self, descriptor_index: int) -> int:
         """The comparison instruction matched to a drawn descriptor pair (RLCD-Rescore, RLAIF)."""
         return descriptor_index if len(self.instructions) > 1 else 0
 
-    def render_comparison(self, prompt_text: str, descriptor_index: int, response_a: str, response_b: str) -> str:
-        """The labeller's prompt for one pair of responses, ending in ``The answer is: (``.
+    def render_comparison(
+        self, prompt_text: str, descriptor_index: int, response_a: str, response_b: str, chat: ChatRenderer | None = None
+    ) -> str:
+        """The labeller's prompt for one pair of responses, ending in ``The answer is: (``: the text
+        format, or with ``chat`` the question as a user message and the reply opening with those words.
 
         Raises:
             RlcdError: the task has no compare.jinja, or it fails to render.
@@ -91,9 +105,10 @@ class Task:
             "response_b": response_b.strip(),
         }
         try:
-            return self.templates["compare"].render(values)
+            text = self.templates["compare"].render(values)
         except jinja2.TemplateError as e:
             raise RlcdError(f"{self.folder / COMPARE_FILE}: {getattr(e, 'message', e)}") from None
+        return text if chat is None else chat.comparison(text, ANSWER_START)
 
     @property
     def bundled_prompts(self) -> Path | None:
@@ -110,25 +125,35 @@ class Task:
         """The descriptor pair for one example: depends only on the example and the seed."""
         return random.Random(f"rlcd-descriptor:{seed}:{source_index}").randrange(len(self.descriptors))
 
-    def render_pair(self, prompt_text: str, source_index: int, seed: int) -> ContrastPair:
-        """Render the unmodified prompt, p+ and p- for one source prompt.
+    def render_pair(self, prompt_text: str, source_index: int, seed: int, chat: ChatRenderer | None = None) -> ContrastPair:
+        """Render the unmodified prompt, p+ and p- for one source prompt: in the text format, or in
+        the chat format with ``chat`` (the simulator's chat template; the task needs system.jinja).
 
         Raises:
             RlcdError: if a template uses a variable the task does not provide.
         """
         k = self.draw_descriptor(source_index, seed)
         pair = self.descriptors[k]
-        values = {**self.variables(prompt_text), "positive": pair.positive, "negative": pair.negative}
-        rendered = {key: self._render(key, values) for key in TEMPLATE_FILES}
-        return ContrastPair(source_index, rendered["prompt"], rendered["p_plus"], rendered["p_minus"], k, pair)
+        inputs = self.variables(prompt_text)
+        prompt = self._render("prompt", inputs)
+        if chat is None:
+            values = {**inputs, "positive": pair.positive, "negative": pair.negative}
+            p_plus, p_minus = self._render("p_plus", values), self._render("p_minus", values)
+        else:
+            p_plus, p_minus = (
+                chat.contrast(self._render("system", {**inputs, "descriptor": d}), prompt)
+                for d in (pair.positive, pair.negative)
+            )
+        return ContrastPair(source_index, prompt, p_plus, p_minus, k, pair)
 
     def _render(self, key: str, values: dict) -> str:
+        filename = TEMPLATE_FILES.get(key, SYSTEM_FILE)
         try:
             return self.templates[key].render(values)
         except jinja2.UndefinedError as e:
-            raise RlcdError(f"{self.folder / TEMPLATE_FILES[key]}: {e.message}") from None
+            raise RlcdError(f"{self.folder / filename}: {e.message}") from None
         except jinja2.TemplateError as e:
-            raise RlcdError(f"{self.folder / TEMPLATE_FILES[key]}: {e}") from None
+            raise RlcdError(f"{self.folder / filename}: {e}") from None
 
 
 def _template_roots(templates_dir: str | Path | None) -> list[Path]:
@@ -174,12 +199,7 @@ def load_task_folder(folder: Path) -> Task:
         path = folder / filename
         if not path.is_file():
             raise RlcdError(f"{path}: missing template (a task needs {', '.join(TEMPLATE_FILES.values())})")
-        source = path.read_text()
-        try:
-            names = jinja2.meta.find_undeclared_variables(JINJA.parse(source))
-            templates[key] = JINJA.from_string(source)
-        except jinja2.TemplateSyntaxError as e:
-            raise RlcdError(f"{path}:{e.lineno}: template syntax error: {e.message}") from None
+        templates[key], names = _parse(path)
         unknown = sorted(names - allowed)
         if unknown:
             raise RlcdError(
@@ -200,6 +220,7 @@ def load_task_folder(folder: Path) -> Task:
     if used["prompt"] & DESCRIPTOR_VARIABLES:
         raise RlcdError(f"{folder / 'prompt.jinja'}: the unmodified prompt must not use descriptors")
     instructions, scorer_version = _load_compare(folder, meta, templates)
+    _load_system(folder, meta, templates)
     return Task(
         name=folder.name,
         description=meta["description"],
@@ -212,6 +233,35 @@ def load_task_folder(folder: Path) -> Task:
         instructions=instructions,
         scorer_version=scorer_version,
     )
+
+
+def _parse(path: Path) -> tuple[jinja2.Template, set[str]]:
+    """A template and the variables it uses.
+
+    Raises:
+        RlcdError: a syntax error, with its file and line.
+    """
+    source = path.read_text()
+    try:
+        return JINJA.from_string(source), jinja2.meta.find_undeclared_variables(JINJA.parse(source))
+    except jinja2.TemplateSyntaxError as e:
+        raise RlcdError(f"{path}:{e.lineno}: template syntax error: {e.message}") from None
+
+
+def _load_system(folder: Path, meta: dict, templates: dict) -> None:
+    """Read the optional chat-format system message template (it must use ``descriptor``)."""
+    path = folder / SYSTEM_FILE
+    if not path.is_file():
+        return
+    templates["system"], names = _parse(path)
+    allowed = INPUT_VARIABLES[meta["input"]] | SYSTEM_VARIABLES
+    unknown = sorted(names - allowed)
+    if unknown:
+        raise RlcdError(
+            f"{path}: undefined template variable(s) {', '.join(unknown)} (it is given: {', '.join(sorted(allowed))})"
+        )
+    if "descriptor" not in names:
+        raise RlcdError(f"{path}: never uses {{{{ descriptor }}}} (p+ and p- differ in it alone)")
 
 
 def _load_compare(folder: Path, meta: dict, templates: dict) -> tuple[tuple[str, ...], int | None]:
@@ -231,12 +281,8 @@ def _load_compare(folder: Path, meta: dict, templates: dict) -> tuple[tuple[str,
         isinstance(i, str) and i.strip() for i in instructions
     ):
         raise RlcdError(f"{where}: scorer.instructions must list 1 or {n} (one per descriptor pair) non-empty texts")
+    templates["compare"], names = _parse(path)
     source = path.read_text()
-    try:
-        names = jinja2.meta.find_undeclared_variables(JINJA.parse(source))
-        templates["compare"] = JINJA.from_string(source)
-    except jinja2.TemplateSyntaxError as e:
-        raise RlcdError(f"{path}:{e.lineno}: template syntax error: {e.message}") from None
     allowed = INPUT_VARIABLES[meta["input"]] | COMPARE_VARIABLES
     unknown = sorted(names - allowed)
     if unknown:
@@ -246,8 +292,8 @@ def _load_compare(folder: Path, meta: dict, templates: dict) -> tuple[tuple[str,
     missing = sorted(COMPARE_VARIABLES - names)
     if missing:
         raise RlcdError(f"{path}: never uses {', '.join(missing)}")
-    if not source.rstrip("\n").endswith("The answer is: ("):
-        raise RlcdError(f"{path}: must end with 'The answer is: (' (the label is the next token, A or B)")
+    if not source.rstrip("\n").endswith(ANSWER_START):
+        raise RlcdError(f"{path}: must end with '{ANSWER_START}' (the label is the next token, A or B)")
     return tuple(i.strip() for i in instructions), int(scorer["version"])
 
 

@@ -412,3 +412,52 @@ def test_packed_linears_release_the_checkpoint_file_mapping(tmp_path):
         assert not mapped()
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]), name
+
+
+def greedy_reference(model, tokenizer, prompt: str, max_new_tokens: int, **kwargs) -> str:
+    """transformers' own greedy decoding, as text."""
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    out = model.generate(ids, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id,
+                         **kwargs)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("options, reference", [
+    ({"top_k": 1}, {}),
+    ({"top_p": 1e-6, "temperature": 2.0}, {}),
+    ({"top_k": 1, "repetition_penalty": 1.5}, {"repetition_penalty": 1.5}),  # the prompt's tokens count too
+])
+def test_sampling_options_reach_transformers_greedy_decoding(tiny, options, reference):
+    import copy
+
+    import torch
+
+    model, tokenizer = tiny
+    model = copy.deepcopy(model)
+    with torch.no_grad():  # greedy decoding of the tiny model would end at once: never end
+        model.lm_head.weight[tokenizer.eos_token_id, 0] = -1.0
+    settings = SamplingSettings(max_new_tokens=12, banned_characters="", **options)
+    generator = TransformersGenerator(model, tokenizer, batch_size=4)
+    first = generator.generate(PROMPTS, [request_seed(7, i) for i in range(len(PROMPTS))], settings)
+    other_seeds = generator.generate(PROMPTS, [request_seed(8, i) for i in range(len(PROMPTS))], settings)
+    assert first == other_seeds  # nothing left to sample from
+    for prompt, completion in zip(PROMPTS, first):
+        assert completion.num_tokens == 12 and completion.text
+        assert completion.text == greedy_reference(model, tokenizer, prompt, 12, **reference)
+    if "repetition_penalty" in options:  # and it changes what greedy decoding writes
+        plain = generator.generate(PROMPTS, [0] * len(PROMPTS), SamplingSettings(12, banned_characters="", top_k=1))
+        assert plain != first
+
+
+def test_top_k_samples_only_among_the_k_most_likely(tiny):
+    import torch
+
+    from rlcd_data.generate.transformers_engine import _warp
+
+    logits = torch.tensor([[3.0, 1.0, 2.0, -1.0, 0.5]])
+    none = torch.tensor([], dtype=torch.long)
+    kept = _warp(logits.clone(), SamplingSettings(top_k=2), none, [()], [[]]).isfinite()
+    assert kept.tolist() == [[True, False, True, False, False]]
+    # Repetition penalty on a seen token: positive logits are divided, negative ones multiplied (vLLM's rule).
+    warped = _warp(logits.clone(), SamplingSettings(repetition_penalty=2.0), none, [(0,)], [[3]])
+    assert warped.tolist() == [[1.5, 1.0, 2.0, -2.0, 0.5]]

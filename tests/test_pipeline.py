@@ -115,11 +115,15 @@ def test_output_folder_is_a_hub_dataset_repo(tmp_path, fake_generator):
     text = card.text
     for needed in ("harmless, helpful response", "arxiv.org/abs/2307.12950", "load_dataset", "RewardTrainer", "@inproceedings",
                    "rlcd-data build --config rlcd_build.yaml", "template version 1", "temperature 1.0",
+                   "Prompt format `text`",
                    "no token containing `` \\ `` or `` ` `` sampled"):
         assert needed in text, needed
 
     saved = read_config_file(out / "rlcd_build.yaml")
-    assert BuildConfig(**saved) == config  # `overwrite` is not saved; it defaults to False as here
+    # `overwrite` is not saved (it defaults to False as here); the format is saved as resolved (a fake
+    # generator has no chat template: text, the paper's temperature).
+    assert BuildConfig(**saved) == config.with_prompt_format("text")
+    assert (saved["prompt_format"], saved["temperature"]) == ("text", 1.0)
     assert "overwrite" not in yaml.safe_load((out / "rlcd_build.yaml").read_text())
 
 

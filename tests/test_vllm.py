@@ -211,3 +211,27 @@ def test_kill_9_then_resume_gives_the_rows_of_an_uninterrupted_build(tmp_path, t
     assert datasets.load_dataset(str(cut), split="train").to_list() == datasets.load_dataset(
         str(whole), split="train").to_list()
     assert "backend: vllm" in (cut / "rlcd_build.yaml").read_text()
+
+
+def test_sampling_options_reach_the_engine(generator, tiny_vllm_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    seeds = [request_seed(9, i) for i in range(4)]
+    sampled = generator.generate(PROMPTS[:4], seeds, SamplingSettings(max_new_tokens=8))
+    assert any(c.num_tokens > 1 for c in sampled)
+    # The tiny model's most likely token is end-of-sequence: top-k 1 or a tiny top-p ends every output at once.
+    for options in ({"top_k": 1}, {"top_p": 1e-6}):
+        assert all(c.num_tokens == 1 and c.ended
+                   for c in generator.generate(PROMPTS[:4], seeds, SamplingSettings(max_new_tokens=8, **options)))
+    # With end-of-sequence in the prompt, a repetition penalty (over prompt tokens too) lowers it below the
+    # rest: greedy decoding then writes what transformers' own greedy decoding with that penalty writes.
+    prompt = PROMPTS[0] + " <|im_end|>"
+    settings = SamplingSettings(max_new_tokens=8, top_k=1, repetition_penalty=1000.0, banned_characters="")
+    out = generator.generate([prompt], [0], settings)[0]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_vllm_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_vllm_model_dir, dtype="float32")
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    assert tokenizer.eos_token_id in ids[0].tolist()
+    reference = model.generate(ids, do_sample=False, max_new_tokens=8, repetition_penalty=1000.0,
+                               pad_token_id=tokenizer.eos_token_id)
+    assert out.num_tokens == 8 and out.text == tokenizer.decode(reference[0, ids.shape[1]:], skip_special_tokens=True)

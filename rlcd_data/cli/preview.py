@@ -1,8 +1,8 @@
-"""`rlcd-data preview TASK`: print rendered prompts without loading a model."""
+"""`rlcd-data preview TASK`: print rendered prompts, exactly as the model sees them, without loading a model."""
 
 from __future__ import annotations
 
-from ..config import BuildConfig
+from ..config import DEFAULT_MODEL, PROMPT_FORMATS, BuildConfig
 from ._dataclass_args import config_from_args
 
 
@@ -15,14 +15,18 @@ def add_parser(sub) -> None:
     parser.add_argument("--templates", help="Folder of user task folders.")
     parser.add_argument("--seed", type=int, default=0, help="Seed for the descriptor draws.")
     parser.add_argument("-n", "--limit", type=int, default=3, help="How many prompts (default: 3).")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="Simulator (its tokenizer renders the chat format).")
+    parser.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="auto",
+                        help="text, chat or auto (chat when the task and the model's tokenizer have one).")
 
 
 def run(args) -> int:
     from ..pipeline import prepare
 
     config = config_from_args(args, BuildConfig)
-    _, _, pairs = prepare(config)
-    for pair in pairs:
+    plan = prepare(config)
+    print(f"# prompt format: {plan.config.prompt_format}, temperature {plan.config.temperature}")
+    for pair in plan.pairs:
         print(f"=== source {pair.source_index}, descriptor pair {pair.descriptor_index}")
         print(f"--- p+ ({pair.descriptors.positive})\n{pair.p_plus}")
         print(f"--- p- ({pair.descriptors.negative})\n{pair.p_minus}")

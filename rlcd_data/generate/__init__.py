@@ -25,6 +25,9 @@ class SamplingSettings:
     max_new_tokens: int = 300
     temperature: float = 1.0
     banned_characters: str = PAPER_BANNED_CHARACTERS
+    top_p: float = 1.0  # 1 = off
+    top_k: int = 0  # 0 = off
+    repetition_penalty: float = 1.0  # 1 = off; over the prompt's and the output's tokens, as in vLLM
 
 
 @dataclass(frozen=True)

@@ -149,6 +149,7 @@ class TransformersGenerator:
             part.rows = [rows[k] for k in mine]
             part.generated = [[] for _ in mine]
             part.generators = [torch.Generator().manual_seed(seeds[k]) for k in mine]
+            part.prompt_ids = [ids[k] for k in mine]
             parts.append(part)
         for x in ids:
             prefixes.admitted(x)
@@ -365,6 +366,10 @@ def _GrowingLayer(keys=None, values=None, spare: int = 64):
     return _growing_layer_class()(keys, values, spare)
 
 
+# What a batch keeps per row, in row order.
+ROW_FIELDS = ("rows", "generated", "generators", "prompt_ids")
+
+
 @dataclass
 class _Part:
     """Rows sharing one dense key/value cache, left-padded to the longest row: the result of a prefill,
@@ -377,6 +382,7 @@ class _Part:
     rows: list = field(default_factory=list)  # request index per row
     generated: list = field(default_factory=list)
     generators: list = field(default_factory=list)  # torch.Generator per row
+    prompt_ids: list = field(default_factory=list)  # the prompt's token ids per row (for the repetition penalty)
 
     def __len__(self) -> int:
         return self.mask.shape[0]
@@ -388,7 +394,7 @@ class _Part:
         index = torch.as_tensor(index, device=self.mask.device)
         self.mask = self.mask[index]
         self.logits = self.logits[index]
-        for name in ("rows", "generated", "generators"):
+        for name in ROW_FIELDS:
             if getattr(self, name):
                 setattr(self, name, [getattr(self, name)[r] for r in index.tolist()])
         first = int((self.mask.sum(0) > 0).nonzero()[0])
@@ -406,9 +412,9 @@ class _Part:
                 for layer in self.layers:
                     layer.move_row(n, r)
                 self.mask[r] = self.mask[n]
-                for name in ("rows", "generated", "generators"):
+                for name in ROW_FIELDS:
                     getattr(self, name)[r] = getattr(self, name)[n]
-        for name in ("rows", "generated", "generators"):
+        for name in ROW_FIELDS:
             del getattr(self, name)[n:]
         first = int((self.mask[:n].sum(0) > 0).nonzero()[0])
         self.mask = self.mask[:n, first:]
@@ -431,7 +437,7 @@ class _Part:
                                            torch.cat([left_pad(mine.values, 2), left_pad(theirs.values, 2)]))
         self.mask = torch.cat([left_pad(self.mask, 1), left_pad(other.mask, 1)])
         self.logits = torch.cat([self.logits, other.logits])
-        for name in ("prompts", "rows", "generated", "generators"):
+        for name in ("prompts", *ROW_FIELDS):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         return self
 
@@ -456,7 +462,7 @@ class _Batch:
         return len(self.rows)
 
     def _flatten(self) -> None:
-        for name in ("rows", "generated", "generators"):
+        for name in ROW_FIELDS:
             setattr(self, name, [x for c in self.cohorts for x in getattr(c, name)])
 
     def _restructure(self, change) -> None:
@@ -494,7 +500,7 @@ class _Batch:
         with their completions."""
         import torch
 
-        logits = (self.logits / settings.temperature).index_fill_(1, banned, float("-inf"))
+        logits = _warp(self.logits, settings, banned, self.prompt_ids, self.generated)
         # Inverse-CDF sampling: one uniform draw per row from that row's own generator,
         # then one batched search (torch.multinomial per row costs ~1 ms each).
         probs = torch.softmax(logits, dim=-1).cpu()
@@ -551,6 +557,25 @@ class _Batch:
             **{_cache_argument(type(model)): cache},
         )
         self.logits = out.logits[:, -1].float()
+
+
+def _warp(logits, settings: SamplingSettings, banned, prompt_ids: list, generated: list):
+    """Next-token logits as sampled from, in vLLM's order: repetition penalty (over the prompt and the
+    output so far), temperature, banned tokens, top-k, top-p; transformers' own processors do each step."""
+    import torch
+    from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
+
+    if settings.repetition_penalty != 1.0:
+        seen = [list(p) + g for p, g in zip(prompt_ids, generated)]
+        width = max(map(len, seen))
+        seen = torch.tensor([s + s[:1] * (width - len(s)) for s in seen], device=logits.device)  # repeats: no effect
+        logits = RepetitionPenaltyLogitsProcessor(settings.repetition_penalty)(seen, logits)
+    logits = (logits / settings.temperature).index_fill_(1, banned, float("-inf"))
+    if settings.top_k:
+        logits = TopKLogitsWarper(settings.top_k)(None, logits)
+    if settings.top_p < 1.0:
+        logits = TopPLogitsWarper(settings.top_p)(None, logits)
+    return logits
 
 
 @functools.cache

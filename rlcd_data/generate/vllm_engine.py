@@ -175,6 +175,7 @@ class VLLMGenerator:
 
         return SamplingParams(
             temperature=settings.temperature, max_tokens=settings.max_new_tokens, seed=seed,
+            top_p=settings.top_p, top_k=settings.top_k, repetition_penalty=settings.repetition_penalty,
             stop=list(STOP_STRINGS), include_stop_str_in_output=True,  # the text up to the stop, as the other engine
             allowed_token_ids=self.engine.allowed_tokens(settings.banned_characters),
             skip_special_tokens=True, output_kind=RequestOutputKind.FINAL_ONLY,

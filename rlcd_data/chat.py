@@ -1,0 +1,87 @@
+"""The chat format: contrast and comparison prompts rendered with the simulator's own chat template.
+
+An instruction-tuned model was trained on its chat template, not on raw
+``Human: ... Assistant (descriptor):`` text. In the chat format the task's
+``system.jinja`` carries the descriptor as a system message, the conversation
+follows as user/assistant turns, and the tokenizer's ``apply_chat_template``
+renders it with the generation prompt, so p+ and p- differ in the descriptor
+alone. Text after the source prompt's final Assistant tag (a forced start such
+as "Here is a possible outline:") opens the reply.
+"""
+
+from __future__ import annotations
+
+from .conversation import prompt_messages
+from .errors import RlcdError
+
+FORMATS = ("auto", "text", "chat")
+
+
+def has_chat_template(tokenizer) -> bool:
+    return tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
+
+
+class ChatRenderer:
+    """Renders messages with one tokenizer's chat template, ending where the assistant's reply begins."""
+
+    def __init__(self, tokenizer, model_name: str = "the simulator"):
+        if not has_chat_template(tokenizer):
+            raise RlcdError(f"{model_name}: its tokenizer has no chat template; use --prompt-format text")
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+
+    def contrast(self, system: str, prompt: str) -> str:
+        """p+ or p-: ``system`` (the rendered system.jinja) and the conversation of a text ``prompt``."""
+        messages, opening = prompt_messages(prompt)
+        return self.render(messages, system=system, opening=opening)
+
+    def conversation(self, prompt: str) -> str:
+        """A text prompt as the model sees it in the chat format, with no system message of ours
+        (the template's own default, if it has one): how a policy is sampled and evaluated."""
+        messages, opening = prompt_messages(prompt)
+        return self.render(messages, opening=opening)
+
+    def comparison(self, text: str, answer_start: str) -> str:
+        """The labeller's prompt: ``text`` up to ``answer_start`` as the user's message, and the
+        assistant's reply opening with ``answer_start`` (so the label is still the next token)."""
+        question = text[: len(text) - len(answer_start)] if text.endswith(answer_start) else text
+        return self.render([{"role": "user", "content": question.strip()}], opening=answer_start)
+
+    def render(self, messages: list[dict], system: str | None = None, opening: str = "") -> str:
+        import jinja2
+
+        if system is not None:
+            messages = [{"role": "system", "content": system}, *messages]
+        try:
+            text = self._apply(messages)
+        except jinja2.TemplateError as e:
+            if system is None or not messages[1:] or messages[1]["role"] != "user":
+                raise RlcdError(f"{self.model_name}: its chat template refused the conversation ({e})") from None
+            # A template without a system role (it raises): the instruction leads the first user turn.
+            first = {"role": "user", "content": f"{system}\n\n{messages[1]['content']}"}
+            try:
+                text = self._apply([first, *messages[2:]])
+            except jinja2.TemplateError as e:
+                raise RlcdError(f"{self.model_name}: its chat template refused the conversation ({e})") from None
+        return text + opening
+
+    def _apply(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def resolve_format(requested: str, task_has_chat: bool, tokenizer, task_name: str, model_name: str) -> str:
+    """``text`` or ``chat`` for ``--prompt-format``: ``auto`` is chat when both the task and the model's
+    tokenizer can render it, text otherwise.
+
+    Raises:
+        RlcdError: ``chat`` asked of a task without system.jinja or a tokenizer without a chat template.
+    """
+    if requested == "text":
+        return "text"
+    if requested == "chat":
+        if not task_has_chat:
+            raise RlcdError(f"task {task_name!r} has no system.jinja: it renders in the text format only")
+        if not has_chat_template(tokenizer):
+            raise RlcdError(f"{model_name}: its tokenizer has no chat template; use --prompt-format text")
+        return "chat"
+    return "chat" if task_has_chat and has_chat_template(tokenizer) else "text"
