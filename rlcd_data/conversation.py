@@ -14,6 +14,7 @@ _TAG = re.compile(r"(?:\A|\n\n)(Human|Assistant):")
 # Where a response ends: the model starting the next Human turn.
 STOP_STRINGS = ("\nHuman", "Human:")
 _LEADING_ASSISTANT = re.compile(r"\AAssistant(?: \([^)\n]*\))?:")
+_INNER_ASSISTANT = re.compile(r"\nAssistant(?: \([^)\n]*\))?:")
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,10 @@ def extract_response(text: str, ended: bool) -> str | None:
         ended: whether generation stopped at the end-of-sequence token (an
             instruction-tuned model ends its turn that way).
 
+    Beyond the paper's rule, a new ``Assistant:`` (or ``Assistant (<descriptor>):``)
+    turn at the start of a line inside the response ends it as well: base
+    models write one, and it would carry a descriptor into the data.
+
     Returns:
         The response, or None if it failed: it neither reached the next Human
         turn nor ended with end-of-sequence (cut off at the token limit), or
@@ -75,6 +80,8 @@ def extract_response(text: str, ended: bool) -> str | None:
     elif not ended:
         return None
     text = _LEADING_ASSISTANT.sub("", text.strip(), count=1).strip()
+    # A new Assistant turn inside the response ends it too: it would carry a descriptor tag into the data.
+    text = text[: m.start()].strip() if (m := _INNER_ASSISTANT.search(text)) else text
     return text or None
 
 

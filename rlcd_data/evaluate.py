@@ -77,6 +77,7 @@ def evaluate_policy(
     samples_path: str | Path | None = None,
     penalty_reward: float | None = None,
     backend: str = "auto",
+    prompt_format: str = "auto",
 ) -> dict:
     """Sample one response per prompt from ``policy`` and from its base, and compare their rewards.
 
@@ -89,6 +90,9 @@ def evaluate_policy(
             recorded by `rlcd-data train ppo` next to the policy.
         backend: the engine that samples: "vllm", "transformers" or "auto"
             (vLLM where installed).
+        prompt_format: "text", "chat" or "auto": the format `train ppo` recorded
+            for the policy, else chat when its tokenizer has a chat template.
+            Both sides are sampled in it; rewards score the text form.
 
     Returns:
         prompts, mean reward of each side, the policy's win rate by reward,
@@ -105,11 +109,14 @@ def evaluate_policy(
     from .prompts import load_prompts
     from .reward_model import RewardModel
 
+    recorded = Path(policy) / "rlcd_recipe.json"
+    record = json.loads(recorded.read_text()) if recorded.is_file() else {}
     if base is None:
-        recorded = Path(policy) / "rlcd_recipe.json"
-        if not recorded.is_file():
+        if "base_model" not in record:
             raise RlcdError(f"{policy}: no rlcd_recipe.json naming its base model; pass --base")
-        base = json.loads(recorded.read_text())["base_model"]
+        base = record["base_model"]
+    if prompt_format == "auto":
+        prompt_format = record.get("settings", {}).get("prompt_format", "auto")
     prompt_set = load_prompts(prompts, task_input="conversation", column=prompt_column, split=split, limit=limit)
     texts = [p.text for p in prompt_set.prompts]
     seeds = [request_seed(seed, "eval-policy", p.source_index) for p in prompt_set.prompts]
@@ -118,7 +125,7 @@ def evaluate_policy(
     engine, _ = choose_backend(backend, "none")
     sides = {}
     for side, name in (("policy", policy), ("base", base)):
-        completions = _sample(engine, name, texts, seeds, settings, batch_size)
+        completions, prompt_format = _sample(engine, name, texts, seeds, settings, batch_size, prompt_format)
         responses = [extract_response(c.text, c.ended) for c in completions]
         rewards = rewards_of([t + as_completion(t, r or c.text.strip()) for t, r, c in zip(texts, responses, completions)])
         if penalty_reward is not None:
@@ -140,12 +147,20 @@ def evaluate_policy(
         write_jsonl(samples_path, rows)
     report["base"] = base
     report["backend"] = engine
+    report["prompt_format"] = prompt_format
     return report
 
 
 def _sample(engine: str, model: str, texts: list[str], seeds: list[int], settings, batch_size: int,
-            dtype: str = "auto"):
-    """One completion per text from ``model`` on ``engine``; the model is released afterwards."""
+            prompt_format: str = "text", dtype: str = "auto"):
+    """One completion per text from ``model`` on ``engine``, the texts rendered in ``prompt_format`` with the
+    model's tokenizer; the model is released afterwards.
+
+    Returns:
+        (completions, the resolved format)
+    """
+    from .chat import policy_prompts
+
     if engine == "vllm":
         from .generate.vllm_engine import VLLMEngine, VLLMGenerator
         from .models import resolve_model
@@ -153,11 +168,13 @@ def _sample(engine: str, model: str, texts: list[str], seeds: list[int], setting
         engine_ = VLLMEngine(resolve_model(model).path, dtype=dtype, max_num_seqs=batch_size)
         generator = VLLMGenerator(engine_, model)
         try:
-            return generator.generate(texts, seeds, settings)
+            prompts, resolved = policy_prompts(texts, generator.tokenizer, prompt_format, model)
+            return generator.generate(prompts, seeds, settings), resolved
         finally:
             generator.close()
     from .generate import TransformersGenerator
     from .models import load_causal_lm
 
     loaded, tokenizer, _ = load_causal_lm(model, quantization="none")
-    return TransformersGenerator(loaded, tokenizer, batch_size=batch_size).generate(texts, seeds, settings)
+    prompts, resolved = policy_prompts(texts, tokenizer, prompt_format, model)
+    return TransformersGenerator(loaded, tokenizer, batch_size=batch_size).generate(prompts, seeds, settings), resolved

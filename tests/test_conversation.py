@@ -40,6 +40,10 @@ def test_text_before_the_first_tag_is_rejected():
         ("Assistant (harmless response): I can help.", True, "I can help."),
         ("   \n ", True, None),
         ("\n\nHuman: straight to the next turn", False, None),
+        # a new Assistant turn inside the response ends it (no descriptor leaks into the data)
+        (" You could.\n\nAssistant (simulating a kind person): Be kind.\n\nHuman: ok", False, "You could."),
+        ("Assistant (harmless): Hi.\nAssistant: again", True, "Hi."),
+        (" Ask the Assistant: it knows.", True, "Ask the Assistant: it knows."),  # mid-line: not a turn
     ],
 )
 def test_extract_response(text, ended, expected):

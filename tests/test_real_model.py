@@ -58,3 +58,23 @@ def test_build_harmless_with_smollm2_on_vllm(tmp_path, hh_dir, smollm2_dir):
     card = (tmp_path / "out" / "README.md").read_text()
     assert "SmolLM2-135M-Instruct" in card and "vLLM" in card and "backend: vllm" in (
         tmp_path / "out" / "rlcd_build.yaml").read_text()
+
+
+def test_gemma_base_model_by_name(tmp_path, hh_dir):
+    """`--model gemma-3-270m`: reassembled from its chunk packages, converted once; a base model whose
+    tokenizer has no chat template, so `auto` builds in the paper's text format and chat is refused."""
+    from rlcd_data.errors import RlcdError
+
+    config = BuildConfig(
+        task="harmless", prompts=str(hh_dir / "harmless-base-prompts.jsonl"), limit=2,
+        model="gemma-3-270m", backend="transformers", output=str(tmp_path / "out"),
+    )
+    result = build(config, progress=False)  # most of its outputs run to the token limit: the paper's 300, 5 retries
+    assert result.stats.pairs + result.stats.examples_dropped == 2
+    assert result.config.prompt_format == "text" and result.config.temperature == 1.0
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "Gemma 3 270M, base model (Gemma Terms of Use: https://ai.google.dev/gemma/terms)" in card
+    assert "Prompt format `text`" in card
+    with pytest.raises(RlcdError, match="gemma-3-270m: its tokenizer has no chat template"):
+        build(BuildConfig(**{**config.__dict__, "prompt_format": "chat", "output": str(tmp_path / "chat")}),
+              progress=False)

@@ -57,6 +57,16 @@ def test_resume_generates_only_what_is_missing(tmp_path, fake_generator):
     assert "resume" not in yaml.safe_load((tmp_path / "out" / "rlcd_build.yaml").read_text())
 
 
+def test_a_resumed_builds_time_includes_its_interrupted_runs(tmp_path, fake_generator):
+    config = interrupted_build(tmp_path, fake_generator)
+    elapsed = tmp_path / "out" / ".rlcd-build" / "elapsed.json"
+    assert json.loads(elapsed.read_text())["seconds"] >= 0  # written with every completed part
+    elapsed.write_text(json.dumps({"seconds": 1234.0}))  # as if the first run had taken that long
+    result = build(BuildConfig(**config, resume=True), generator=fake_generator(), progress=False)
+    assert 1234.0 <= result.stats.seconds < 1234.0 + 60
+    assert "| build time | 1234 s |" in (tmp_path / "out" / "README.md").read_text()
+
+
 def test_resume_with_a_different_configuration_is_refused(tmp_path, fake_generator):
     root = tmp_path / "templates"
     shutil.copytree(list_tasks()["harmless"], root / "harmless")
@@ -235,7 +245,7 @@ def test_disk_full_is_a_clear_error_and_earlier_parts_stay_valid(tmp_path, fake_
 
     def fsync(fd):
         writes["n"] += 1
-        if writes["n"] == 3:  # state.json, part 0 (pair 0), then the disk is full
+        if writes["n"] == 4:  # state.json, part 0 (pair 0), elapsed.json, then the disk is full
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_fsync(fd)
 
@@ -244,7 +254,8 @@ def test_disk_full_is_a_clear_error_and_earlier_parts_stay_valid(tmp_path, fake_
     with pytest.raises(RlcdError, match=r"cannot write part 1 \(No space left on device\); the parts written before"):
         build(BuildConfig(**config), generator=QueueGenerator(), progress=False)
     staging = tmp_path / "out" / ".rlcd-build"
-    assert sorted(p.name for p in staging.iterdir()) == ["part-000000.jsonl", "state.json"]  # no half-written file
+    # no half-written file
+    assert sorted(p.name for p in staging.iterdir()) == ["elapsed.json", "part-000000.jsonl", "state.json"]
     monkeypatch.setattr(pipeline.os, "fsync", real_fsync)
     build(BuildConfig(**config, resume=True), generator=fake_generator(), progress=False)
     rows = datasets.load_dataset(str(tmp_path / "out"), split="train").to_list()

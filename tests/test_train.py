@@ -203,6 +203,8 @@ def test_ppo_runs_updates_and_eval_policy(tiny_reward_model, tiny_model_dir, tmp
     name = "model.layers.1.mlp.down_proj.weight"
     assert not (before[name] == after[name]).all()
     assert "rlcd-data train ppo" in (out / "README.md").read_text()
+    # The tiny policy has SmolLM2's chat template: rollouts saw prompts through it, and the record says so.
+    assert json.loads((out / "rlcd_recipe.json").read_text())["settings"]["prompt_format"] == "chat"
 
     samples = tmp_path / "samples.jsonl"
     assert main(["eval", "policy", "--policy", str(out), "--reward-model", str(tiny_reward_model),
@@ -211,6 +213,7 @@ def test_ppo_runs_updates_and_eval_policy(tiny_reward_model, tiny_model_dir, tmp
     report = json.loads(capsys.readouterr().out)
     rows = [json.loads(line) for line in samples.read_text().splitlines()]
     assert report["prompts"] == len(rows) == 4 and report["base"] == str(tiny_model_dir)
+    assert report["prompt_format"] == "chat"  # the policy's recorded format, for both sides
     assert report["policy_mean_reward"] == pytest.approx(sum(r["policy_reward"] for r in rows) / 4)
     wins = sum(1.0 if r["policy_reward"] > r["base_reward"] else 0.5 if r["policy_reward"] == r["base_reward"] else 0
                for r in rows)
@@ -226,13 +229,14 @@ def test_ppo_grid_runs_each_kl_with_checkpoints(tiny_reward_model, tiny_model_di
     prompts.write_text("".join(json.dumps({"prompt": f"Say {i}."}) + "\n" for i in range(4)))
     out = tmp_path / "grid"
     assert main(ppo_args(tiny_reward_model, tiny_model_dir, prompts, out, 2, 8, "1e-2", "--grid", "--kl_grid",
-                         "0.001,0.032", "--save_strategy", "steps", "--save_steps", "1")) == 0
+                         "0.001,0.032", "--save_strategy", "steps", "--save_steps", "1", "--prompt_format", "text")) == 0
     runs = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()[-2:]]
     assert [r["kl_coef"] for r in runs] == [0.001, 0.032] and all(r["ppo_updates"] == 2 for r in runs)
     for kl in ("0.001", "0.032"):
         run = out / f"kl-{kl}"
         assert (run / "model.safetensors").exists() and f"kl_coef: {kl}" in (run / "README.md").read_text()
         assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+        assert json.loads((run / "rlcd_recipe.json").read_text())["settings"]["prompt_format"] == "text"
     name = "model.layers.1.mlp.down_proj.weight"
     low, high = (load_file(out / f"kl-{kl}" / "model.safetensors")[name] for kl in ("0.001", "0.032"))
     assert not (low == high).all()  # the KL penalty changed the updates
@@ -350,3 +354,22 @@ def test_quantized_lora_reward_model_trains_on_cpu_and_loads(tiny_model_dir, tmp
     (head,) = saved.values()
     assert torch.equal(reward_model.model.score.weight.float(), head.float())  # the trained head, not a fresh one
     assert len(reward_model.score(["x", "y z"])) == 2
+
+
+def test_ppo_pads_with_a_token_no_chat_prompt_contains(tiny_model_dir):
+    """TRL treats every pad id as padding; SmolLM2 pads with its end-of-turn token, which chat prompts contain."""
+    from transformers import AutoTokenizer
+
+    from rlcd_data.chat import ChatRenderer
+    from rlcd_data.train.ppo import _pad_outside_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.pad_token = tokenizer.eos_token
+    text = [tokenizer("\n\nHuman: hi\n\nAssistant:", add_special_tokens=False)["input_ids"]]
+    _pad_outside_prompts(tokenizer, text)
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id  # the text format: unchanged
+    chat = ChatRenderer(tokenizer).conversation("\n\nHuman: hi\n\nAssistant: hello\n\nHuman: and?\n\nAssistant:")
+    encoded = [tokenizer(chat, add_special_tokens=False)["input_ids"]]
+    assert tokenizer.eos_token_id in encoded[0]
+    _pad_outside_prompts(tokenizer, encoded)
+    assert tokenizer.pad_token_id not in encoded[0] and tokenizer.pad_token_id != tokenizer.eos_token_id

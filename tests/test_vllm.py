@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from rlcd_data.chat import ChatRenderer
 from rlcd_data.cli import main
 from rlcd_data.config import BuildConfig
 from rlcd_data.generate import SamplingSettings, request_seed
@@ -177,8 +178,11 @@ def test_policy_evaluation_samples_on_vllm(generator, tiny_vllm_model_dir):
 
     settings = SamplingSettings(max_new_tokens=12)
     seeds = [request_seed(4, i) for i in range(4)]
-    sampled = _sample("vllm", str(tiny_vllm_model_dir), PROMPTS[:4], seeds, settings, batch_size=8, dtype="float32")
-    assert sampled == generator.generate(PROMPTS[:4], seeds, settings)
+    sampled, prompt_format = _sample("vllm", str(tiny_vllm_model_dir), PROMPTS[:4], seeds, settings, batch_size=8,
+                                     prompt_format="auto", dtype="float32")
+    assert prompt_format == "chat"  # the tiny model has SmolLM2's tokenizer and chat template
+    chat = ChatRenderer(generator.tokenizer)
+    assert sampled == generator.generate([chat.conversation(p) for p in PROMPTS[:4]], seeds, settings)
 
 
 def _args(model, prompts, out):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from ..chat import FORMATS
+
 
 def add_parser(sub) -> None:
     parser = sub.add_parser("eval", help="Evaluate a reward model (agreement with labels) or a policy (reward vs its base).")
@@ -33,6 +35,9 @@ def add_parser(sub) -> None:
     po.add_argument("--seed", type=int, default=0)
     po.add_argument("--backend", default="auto", choices=("auto", "vllm", "transformers"),
                     help="Engine that samples (auto: vLLM where installed).")
+    po.add_argument("--prompt-format", default="auto", choices=FORMATS,
+                    help="How both models see a prompt (auto: the format the policy was trained in, else chat "
+                         "when its tokenizer has a chat template).")
     po.add_argument("--samples", default="eval-samples.jsonl", help="Where to write the samples (JSONL).")
     po.add_argument("--json", action="store_true", help="Print one JSON object instead of a summary.")
 
@@ -57,12 +62,13 @@ def run(args) -> int:
         args.policy, args.reward_model, args.prompts, base=args.base, prompt_column=args.prompt_column,
         split=args.split, limit=args.limit, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         batch_size=args.batch_size, seed=args.seed, samples_path=args.samples, backend=args.backend,
+        prompt_format=args.prompt_format,
     )
     return _report(
         args, args.policy, f"eval_policy_{_name(args.prompts)}", report,
         f"{report['prompts']} prompts: mean reward policy {report['policy_mean_reward']:.3f} vs base "
         f"{report['base_mean_reward']:.3f}; policy wins {report['policy_win_rate']:.1%}; mean length "
-        f"{report['policy_mean_tokens']:.0f} vs {report['base_mean_tokens']:.0f} tokens; samples in {args.samples}",
+        f"{report['policy_mean_tokens']:.0f} vs {report['base_mean_tokens']:.0f} tokens ({report['prompt_format']} format); samples in {args.samples}",
     )
 
 

@@ -48,6 +48,11 @@ class PPOScriptArguments:
         default=-1.0,
         metadata={"help": "Reward for a response that does not end (next Human turn or EOS) or is empty."},
     )
+    prompt_format: str = field(
+        default="auto",
+        metadata={"help": "How rollouts see a prompt: text (Human/Assistant text), chat (the policy's chat "
+                          "template), auto (chat when the policy's tokenizer has one). Recorded for `eval policy`."},
+    )
     reward_max_length: int = field(default=512, metadata={"help": "Tokens of prompt + response the reward model sees."})
     grid: bool = field(
         default=False,
@@ -187,6 +192,7 @@ def train(script: PPOScriptArguments, config, model_args, argv=None, preset=None
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from trl.experimental.ppo import PPOTrainer
 
+    from ..chat import FORMATS, policy_prompts
     from ..conversation import STOP_STRINGS
     from ..prompts import load_prompts
     from ..reward_model import RewardModel
@@ -203,7 +209,13 @@ def train(script: PPOScriptArguments, config, model_args, argv=None, preset=None
     tokenizer = AutoTokenizer.from_pretrained(policy_path, padding_side="left")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    encoded = [tokenizer(p.text, add_special_tokens=False)["input_ids"] for p in prompt_set.prompts]
+    if script.prompt_format not in FORMATS:
+        raise RlcdError(f"train ppo: unknown --prompt_format {script.prompt_format!r} (choose from: {', '.join(FORMATS)})")
+    # The policy samples in its format; the reward model scores the text form (as its data has it).
+    texts, prompt_format = policy_prompts([p.text for p in prompt_set.prompts], tokenizer, script.prompt_format,
+                                          script.policy)
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    _pad_outside_prompts(tokenizer, encoded)
     dataset = Dataset.from_dict({"input_ids": encoded})
     batch = config.per_device_train_batch_size * config.gradient_accumulation_steps
     if len(dataset) < batch:
@@ -257,7 +269,7 @@ def train(script: PPOScriptArguments, config, model_args, argv=None, preset=None
         metrics.update(
             {k.replace("objective/", ""): round(last[k], 4) for k in ("objective/scores", "objective/kl") if k in last}
         )
-    settings = {"preset": preset, **common.changed_settings(script, config, model_args)}
+    settings = {"preset": preset, **common.changed_settings(script, config, model_args), "prompt_format": prompt_format}
     common.write_model_card(
         config.output_dir,
         recipe="ppo",
@@ -269,6 +281,23 @@ def train(script: PPOScriptArguments, config, model_args, argv=None, preset=None
         argv=argv,
     )
     return metrics
+
+
+def _pad_outside_prompts(tokenizer, encoded: list[list[int]]) -> None:
+    """TRL masks every pad token id as padding. A chat template writes the end-of-turn token inside prompts,
+    and many tokenizers pad with that same token: then pad with a special token no prompt contains.
+
+    Raises:
+        RlcdError: no such token.
+    """
+    used = {t for ids in encoded for t in ids}
+    if tokenizer.pad_token_id not in used:
+        return
+    free = [i for i in tokenizer.all_special_ids if i not in used and i != tokenizer.eos_token_id]
+    if not free:
+        raise RlcdError("train ppo: the policy's pad token occurs in the prompts and no other special token is "
+                        "free to pad with; use --prompt_format text")
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(free[0])
 
 
 def _value_init(reward_path: str, reward_model, policy_path: str, policy) -> str:
