@@ -17,6 +17,10 @@ from .errors import RlcdError
 FORMATS = ("auto", "text", "chat")
 
 
+def _no_template(model_name: str) -> RlcdError:
+    return RlcdError(f"{model_name}: its tokenizer has no chat template; use --prompt-format text")
+
+
 def has_chat_template(tokenizer) -> bool:
     return tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
 
@@ -26,7 +30,7 @@ class ChatRenderer:
 
     def __init__(self, tokenizer, model_name: str = "the simulator"):
         if not has_chat_template(tokenizer):
-            raise RlcdError(f"{model_name}: its tokenizer has no chat template; use --prompt-format text")
+            raise _no_template(model_name)
         self.tokenizer = tokenizer
         self.model_name = model_name
 
@@ -50,20 +54,18 @@ class ChatRenderer:
     def render(self, messages: list[dict], system: str | None = None, opening: str = "") -> str:
         import jinja2
 
+        attempts = [messages]
         if system is not None:
-            messages = [{"role": "system", "content": system}, *messages]
-        try:
-            text = self._apply(messages)
-        except jinja2.TemplateError as e:
-            if system is None or not messages[1:] or messages[1]["role"] != "user":
-                raise RlcdError(f"{self.model_name}: its chat template refused the conversation ({e})") from None
-            # A template without a system role (it raises): the instruction leads the first user turn.
-            first = {"role": "user", "content": f"{system}\n\n{messages[1]['content']}"}
+            attempts = [[{"role": "system", "content": system}, *messages]]
+            if messages and messages[0]["role"] == "user":
+                # A template without a system role (it raises): the instruction leads the first user turn.
+                attempts.append([{"role": "user", "content": f"{system}\n\n{messages[0]['content']}"}, *messages[1:]])
+        for candidate in attempts:
             try:
-                text = self._apply([first, *messages[2:]])
+                return self._apply(candidate) + opening
             except jinja2.TemplateError as e:
-                raise RlcdError(f"{self.model_name}: its chat template refused the conversation ({e})") from None
-        return text + opening
+                error = e
+        raise RlcdError(f"{self.model_name}: its chat template refused the conversation ({error})")
 
     def _apply(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -82,7 +84,7 @@ def resolve_format(requested: str, task_has_chat: bool, tokenizer, task_name: st
         if not task_has_chat:
             raise RlcdError(f"task {task_name!r} has no system.jinja: it renders in the text format only")
         if not has_chat_template(tokenizer):
-            raise RlcdError(f"{model_name}: its tokenizer has no chat template; use --prompt-format text")
+            raise _no_template(model_name)
         return "chat"
     return "chat" if task_has_chat and has_chat_template(tokenizer) else "text"
 

@@ -31,8 +31,6 @@ def load_table(source: str | Path, split: str = "train"):
         RlcdError: missing source, unknown split, or a Hub dataset that cannot
             be reached.
     """
-    import datasets
-
     path = Path(source).expanduser()
     with quiet_datasets():
         return _load(source, path, split)
