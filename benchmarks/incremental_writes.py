@@ -43,6 +43,7 @@ def main(argv=None) -> None:
 
     from rlcd_data import pipeline
     from rlcd_data.config import BuildConfig
+    from rlcd_data.staging import PartWriter
 
     real_seconds = args.pairs / args.real_pairs_per_second
     with tempfile.TemporaryDirectory() as tmp:
@@ -50,16 +51,16 @@ def main(argv=None) -> None:
         prompts.write_text("".join(json.dumps({"prompt": f"Question {i}?"}) + "\n" for i in range(args.pairs)))
         for batch_size in (1, 8, 32):
             spent = {"seconds": 0.0, "parts": 0, "bytes": 0}
-            write_part = pipeline._write_part
+            write_part = PartWriter.write
 
-            def timed(path, records, write_part=write_part, spent=spent):
+            def timed(writer, records, write_part=write_part, spent=spent):
                 start = time.perf_counter()
-                write_part(path, records)
+                write_part(writer, records)
                 spent["seconds"] += time.perf_counter() - start
                 spent["parts"] += 1
-                spent["bytes"] += path.stat().st_size
+                spent["bytes"] += (writer.staging / f"part-{writer.number - 1:06d}.jsonl").stat().st_size
 
-            pipeline._write_part = timed
+            PartWriter.write = timed
             try:
                 config = BuildConfig(task="harmless", prompts=str(prompts), output=str(Path(tmp) / f"out{batch_size}"),
                                      batch_size=batch_size)
@@ -67,7 +68,7 @@ def main(argv=None) -> None:
                 pipeline.build(config, generator=InstantGenerator(args.response_chars), progress=False)
                 total = time.perf_counter() - start
             finally:
-                pipeline._write_part = write_part
+                PartWriter.write = write_part
             print(json.dumps({
                 "pairs": args.pairs,
                 "batch_size": batch_size,

@@ -6,17 +6,17 @@
 Heavy libraries (torch, transformers, datasets) are imported only when used.
 """
 
-from .config import BuildConfig
+from .config import BuildConfig, RunOptions
 from .errors import RlcdError
 
 __version__ = "0.1.0"
 
 
-def build(config, generator=None, progress=True, labeller=None):
+def build(config, options=None, generator=None, progress=True, labeller=None):
     """Build a dataset; see `rlcd_data.pipeline.build`."""
     from .pipeline import build as _build
 
-    return _build(config, generator=generator, progress=progress, labeller=labeller)
+    return _build(config, options, generator=generator, progress=progress, labeller=labeller)
 
 
 def load_task(name, templates_dir=None):
@@ -26,4 +26,4 @@ def load_task(name, templates_dir=None):
     return _load_task(name, templates_dir)
 
 
-__all__ = ["BuildConfig", "RlcdError", "build", "load_task", "__version__"]
+__all__ = ["BuildConfig", "RlcdError", "RunOptions", "__version__", "build", "load_task"]

@@ -1,4 +1,4 @@
-"""Build configuration: one dataclass, validated on construction, saved next to the data."""
+"""What a build makes (`BuildConfig`, saved next to the data) and how one run of it goes (`RunOptions`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import yaml
 
 from .chat import FORMATS as PROMPT_FORMATS
 from .errors import RlcdError
+from .yaml_file import read_mapping
 from .generate import PAPER_BANNED_CHARACTERS, SamplingSettings
+from .methods import METHODS
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 CONFIG_FILENAME = "rlcd_build.yaml"
@@ -23,15 +25,10 @@ FORMATS = ("standard", "conversational")
 # Sampling temperature per prompt format: the paper's 1.0 for text; 0.7 for chat, where it measured
 # more separable pairs with the embedded instruct model (docs/tasks.md).
 DEFAULT_TEMPERATURE = {"text": 1.0, "chat": 0.7}
-METHODS = ("rlcd", "rlaif", "rlcd-rescore", "context-distillation")
-SCORED_METHODS = ("rlaif", "rlcd-rescore")
+SCORED_METHODS = tuple(sorted(name for name, m in METHODS.items() if m.scored))
 
 # Fields that do not change what a build writes; a resumed build may differ in them.
-OUTPUT_NEUTRAL_FIELDS = frozenset(
-    {"output", "overwrite", "resume", "batch_size", "num_shards", "shard_index", "tensor_parallel_size", "kv_cache_gib"}
-)
-# Actions for one run, not part of what was built: not saved with the dataset.
-ACTION_FIELDS = ("overwrite", "resume", "num_shards", "shard_index")
+OUTPUT_NEUTRAL_FIELDS = frozenset({"output", "batch_size", "tensor_parallel_size", "kv_cache_gib"})
 
 
 @dataclass
@@ -73,7 +70,7 @@ class BuildConfig:
             "help": "rlcd (p+/p- outputs, labels by construction), or a baseline of the paper: rlaif (two samples "
             "labelled by the model's A/B preference), rlcd-rescore (RLCD outputs labelled that way), "
             "context-distillation (p+ outputs as prompt-completion data for SFT).",
-            "choices": METHODS,
+            "choices": tuple(METHODS),
         },
     )
     label_both_orders: bool = field(
@@ -169,24 +166,10 @@ class BuildConfig:
         metadata={"help": "standard = text columns; conversational = lists of chat messages.", "choices": FORMATS},
     )
     license: str = field(default="mit", metadata={"help": "Licence id for the dataset card (check the prompts' and model's terms)."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace an existing, non-empty output folder."})
-    resume: bool = field(
-        default=False,
-        metadata={"help": "Continue an interrupted build in the same --output folder, keeping its completed pairs."},
-    )
-    num_shards: int | None = field(
-        default=None,
-        metadata={
-            "help": "Split the prompts into N disjoint shards (example i goes to shard i mod N); each process "
-            "builds one into the shared --output folder, then `rlcd-data merge` assembles them. "
-            "Default: WORLD_SIZE under accelerate launch / torchrun, else 1."
-        },
-    )
-    shard_index: int | None = field(
-        default=None, metadata={"help": "Which shard this process builds (0-based). Default: RANK under a launcher."}
-    )
 
     def __post_init__(self) -> None:
+        if not self.task:
+            raise RlcdError("missing TASK (give it on the command line or as `task:` in --config)")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -210,16 +193,10 @@ class BuildConfig:
             raise RlcdError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
         if self.test_size < 0 or (self.test_size >= 1 and self.test_size != int(self.test_size)):
             raise RlcdError(f"test_size must be a fraction in (0, 1) or a whole number of pairs, got {self.test_size}")
-        if self.overwrite and self.resume:
-            raise RlcdError("--overwrite and --resume exclude each other")
         if self.label_both_orders and self.method not in SCORED_METHODS:
             raise RlcdError(f"--label-both-orders applies to {' and '.join(SCORED_METHODS)}, not --method {self.method}")
         if self.output is None:
             self.output = f"rlcd-{self.task}"
-        if (self.num_shards is None) != (self.shard_index is None):
-            raise RlcdError("--num-shards and --shard-index go together")
-        if self.num_shards is not None and not (self.num_shards >= 1 and 0 <= self.shard_index < self.num_shards):
-            raise RlcdError(f"--shard-index must be in 0..{self.num_shards - 1} for --num-shards {self.num_shards}")
 
     def with_prompt_format(self, resolved: str) -> BuildConfig:
         """This configuration with ``auto`` format and default temperature replaced by what they stand for."""
@@ -233,17 +210,6 @@ class BuildConfig:
             top_p=self.top_p, top_k=self.top_k, repetition_penalty=self.repetition_penalty,
         )
 
-    def shard(self) -> tuple[int, int] | None:
-        """(index, count) of this process's shard, from the flags or a launcher's RANK/WORLD_SIZE; None if unsharded."""
-        import os
-
-        if self.num_shards is not None:
-            return (self.shard_index, self.num_shards) if self.num_shards > 1 else None
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world > 1:
-            return int(os.environ.get("RANK", "0")), world
-        return None
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -256,12 +222,57 @@ class BuildConfig:
             "# rlcd-data build configuration. Re-run this build with:\n"
             f"#   rlcd-data build --config {CONFIG_FILENAME} --output NEW_FOLDER\n"
         )
-        values = {k: v for k, v in self.to_dict().items() if k not in ACTION_FIELDS}
-        return header + yaml.safe_dump(values, sort_keys=False, allow_unicode=True)
+        return header + yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
     @classmethod
     def field_names(cls) -> set[str]:
         return {f.name for f in dataclasses.fields(cls)}
+
+
+@dataclass
+class RunOptions:
+    """How one run of a build goes; not part of what it builds, never saved with the dataset.
+
+    Raises:
+        RlcdError: on construction, for options that exclude each other or an out-of-range shard.
+    """
+
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing, non-empty output folder."})
+    resume: bool = field(
+        default=False,
+        metadata={"help": "Continue an interrupted build in the same --output folder, keeping its completed pairs "
+                          "(a finished one with the same configuration is left as it is)."},
+    )
+    num_shards: int | None = field(
+        default=None,
+        metadata={
+            "help": "Split the prompts into N disjoint shards (example i goes to shard i mod N); each process "
+            "builds one into the shared --output folder, then `rlcd-data merge` assembles them. "
+            "Default: WORLD_SIZE under accelerate launch / torchrun, else 1."
+        },
+    )
+    shard_index: int | None = field(
+        default=None, metadata={"help": "Which shard this process builds (0-based). Default: RANK under a launcher."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.overwrite and self.resume:
+            raise RlcdError("--overwrite and --resume exclude each other")
+        if (self.num_shards is None) != (self.shard_index is None):
+            raise RlcdError("--num-shards and --shard-index go together")
+        if self.num_shards is not None and not (self.num_shards >= 1 and 0 <= self.shard_index < self.num_shards):
+            raise RlcdError(f"--shard-index must be in 0..{self.num_shards - 1} for --num-shards {self.num_shards}")
+
+    def shard(self) -> tuple[int, int] | None:
+        """(index, count) of this process's shard, from the flags or a launcher's RANK/WORLD_SIZE; None if unsharded."""
+        import os
+
+        if self.num_shards is not None:
+            return (self.shard_index, self.num_shards) if self.num_shards > 1 else None
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:
+            return int(os.environ.get("RANK", "0")), world
+        return None
 
 
 def read_config_file(path: str | Path, config_class: type = BuildConfig) -> dict[str, Any]:
@@ -270,19 +281,7 @@ def read_config_file(path: str | Path, config_class: type = BuildConfig) -> dict
     Raises:
         RlcdError: if the file is missing, is not a YAML mapping, or has unknown keys.
     """
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise RlcdError(f"{path}: no such config file") from None
-    except yaml.YAMLError as e:
-        line = getattr(getattr(e, "problem_mark", None), "line", None)
-        where = f"{path}:{line + 1}" if line is not None else str(path)
-        raise RlcdError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise RlcdError(f"{path}: expected a mapping of option names to values")
+    data = read_mapping(path, "config file")
     unknown = sorted(set(data) - config_class.field_names())
     if unknown:
         raise RlcdError(f"{path}: unknown option(s): {', '.join(unknown)}")

@@ -62,24 +62,39 @@ class TransformersLabeller:
         import torch
 
         encoded = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        device = next(self.model.parameters()).device
-        out = [0.0] * len(prompts)
-        with torch.inference_mode():
-            for start in range(0, len(order), self.batch_size):
-                rows = order[start : start + self.batch_size]
-                width = max(len(encoded[i]) for i in rows)
-                ids = torch.full((len(rows), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(rows), width), dtype=torch.long)
-                for r, i in enumerate(rows):  # left padding: the last position is every prompt's last token
-                    ids[r, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-                    mask[r, width - len(encoded[i]) :] = 1
-                position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-                logits = self.model(
-                    input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position_ids.to(device)
-                ).logits[:, -1, list(self.option_ids)]
-                probabilities = torch.softmax(logits.float(), dim=-1)[:, 0].tolist()
-                for r, i in enumerate(rows):
-                    out[i] = probabilities[r]
-        return out
+
+        def read(logits):
+            return torch.softmax(logits[:, -1, list(self.option_ids)].float(), dim=-1)[:, 0].tolist()
+
+        return forward_last(self.model, self.tokenizer, encoded, self.batch_size, read)
+
+
+def forward_last(model, tokenizer, encoded: list[list[int]], batch_size: int, read) -> list:
+    """``read(logits)`` of every batch of token-id lists, in the order given.
+
+    Batches go longest first with left padding, so position -1 is every row's last token (-2 the one
+    before, and so on); ``read`` gets the logits of the last two positions and returns one value per row.
+    """
+    import torch
+
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    out: list = [None] * len(encoded)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            width = max(len(encoded[i]) for i in rows)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, i in enumerate(rows):
+                ids[r, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+                mask[r, width - len(encoded[i]) :] = 1
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(  # the vocabulary projection of the last two positions only
+                input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position_ids.to(device),
+                logits_to_keep=2,
+            ).logits[:, -2:]
+            for r, value in zip(rows, read(logits)):
+                out[r] = value
+    return out

@@ -238,6 +238,11 @@ def load_causal_lm(name: str, quantization: str = "auto", dtype: str = "auto"):
         raise RlcdError(f"cannot load {name!r} with quantization {quantization}: {e}") from None
     model.eval()
     tokenizer.padding_side = "left"
+    return model, pad_with(tokenizer), source
+
+
+def pad_with(tokenizer, token: str | None = None):
+    """Give a tokenizer without a pad token one: ``token``, else its end-of-sequence token."""
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer, source
+        tokenizer.pad_token = token or tokenizer.eos_token
+    return tokenizer

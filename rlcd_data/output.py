@@ -250,7 +250,7 @@ def build_command(config: BuildConfig) -> str:
 
     parts = ["rlcd-data", "build", config.task]
     for f in dataclasses.fields(config):
-        if f.name in ("task", "output", "overwrite"):
+        if f.name in ("task", "output"):
             continue
         value = getattr(config, f.name)
         default = f.default

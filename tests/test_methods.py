@@ -32,7 +32,7 @@ class ControlledLM:
     def parameters(self):
         return iter([self._param])
 
-    def __call__(self, input_ids, attention_mask, position_ids=None):
+    def __call__(self, input_ids, attention_mask, position_ids=None, logits_to_keep=0):
         import torch
 
         self.calls += 1
@@ -260,6 +260,7 @@ def test_unknown_method_and_unsupported_method_are_one_line_errors(tmp_path, cap
     user = tmp_path / "tasks" / "mine"
     shutil.copytree(resource_dir("templates") / "helpful", user)
     (user / "compare.jinja").unlink()
+    (user / "rate.jinja").unlink()
     text = (user / "task.yaml").read_text()
     (user / "task.yaml").write_text(text[: text.index("# The RLAIF labeller")])
     assert main(["build", "mine", "--templates", str(tmp_path / "tasks"), "--method", "rlaif",

@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from rlcd_data.config import BuildConfig, read_config_file
+from rlcd_data.config import BuildConfig, RunOptions, read_config_file
 from rlcd_data.errors import RlcdError
 from rlcd_data.pipeline import build
 
@@ -156,8 +156,8 @@ def test_overwrite_replaces_data_and_keeps_other_files(tmp_path, fake_generator)
     build(BuildConfig(task="harmless", prompts=str(prompts_file(tmp_path, 5)), output=str(out), test_size=2),
           generator=fake_generator(), progress=False)
     (out / "notes.txt").write_text("mine")
-    build(BuildConfig(task="harmless", prompts=str(prompts_file(tmp_path, 3)), output=str(out), overwrite=True),
-          generator=fake_generator(), progress=False)
+    build(BuildConfig(task="harmless", prompts=str(prompts_file(tmp_path, 3)), output=str(out)),
+          RunOptions(overwrite=True), generator=fake_generator(), progress=False)
     assert sorted(p.name for p in (out / "data").iterdir()) == ["train-00000-of-00001.parquet"]
     assert (out / "notes.txt").read_text() == "mine"
 
@@ -211,10 +211,9 @@ def test_no_pairs_is_a_clear_error_and_keeps_an_existing_dataset(tmp_path, fake_
           generator=fake_generator(), progress=False)
     before = (out / "data" / "train-00000-of-00001.parquet").read_bytes()
     never_ends = fake_generator(lambda prompt, n: ("rambling", False))
-    config = BuildConfig(task="harmless", prompts=str(prompts_file(tmp_path, 2)), output=str(out), overwrite=True,
-                         max_retries=1)
+    config = BuildConfig(task="harmless", prompts=str(prompts_file(tmp_path, 2)), output=str(out), max_retries=1)
     with pytest.raises(RlcdError, match="no pairs: all 2 examples failed after 1 retries"):
-        build(config, generator=never_ends, progress=False)
+        build(config, RunOptions(overwrite=True), generator=never_ends, progress=False)
     assert (out / "data" / "train-00000-of-00001.parquet").read_bytes() == before
 
 

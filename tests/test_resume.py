@@ -12,7 +12,7 @@ import time
 import pytest
 
 from rlcd_data.cli import main
-from rlcd_data.config import BuildConfig
+from rlcd_data.config import BuildConfig, RunOptions
 from rlcd_data.errors import RlcdError
 from rlcd_data.pipeline import build
 from rlcd_data.tasks import list_tasks
@@ -46,7 +46,7 @@ def test_resume_generates_only_what_is_missing(tmp_path, fake_generator):
     with pytest.raises(RlcdError, match="or --resume to continue it"):
         build(BuildConfig(**config), generator=fake_generator(), progress=False)
     generator = fake_generator()
-    result = build(BuildConfig(**config, resume=True), generator=generator, progress=False)
+    result = build(BuildConfig(**config), RunOptions(resume=True), generator=generator, progress=False)
     asked = {p.split("Question number ")[1].split("?")[0] for call in generator.requests for p in call}
     assert asked == {"4", "5"}  # pairs 0-3 were done before the interruption
     rows = datasets.load_dataset(str(tmp_path / "out"), split="train").to_list()
@@ -62,7 +62,7 @@ def test_a_resumed_builds_time_includes_its_interrupted_runs(tmp_path, fake_gene
     elapsed = tmp_path / "out" / ".rlcd-build" / "elapsed.json"
     assert json.loads(elapsed.read_text())["seconds"] >= 0  # written with every completed part
     elapsed.write_text(json.dumps({"seconds": 1234.0}))  # as if the first run had taken that long
-    result = build(BuildConfig(**config, resume=True), generator=fake_generator(), progress=False)
+    result = build(BuildConfig(**config), RunOptions(resume=True), generator=fake_generator(), progress=False)
     assert 1234.0 <= result.stats.seconds < 1234.0 + 60
     assert "| build time | 1234 s |" in (tmp_path / "out" / "README.md").read_text()
 
@@ -72,17 +72,17 @@ def test_resume_with_a_different_configuration_is_refused(tmp_path, fake_generat
     shutil.copytree(list_tasks()["harmless"], root / "harmless")
     config = interrupted_build(tmp_path, fake_generator, templates=str(root))
     with pytest.raises(RlcdError, match=r"cannot resume: .*seed: 0 -> 7"):
-        build(BuildConfig(**{**config, "seed": 7}, resume=True), generator=fake_generator(), progress=False)
+        build(BuildConfig(**{**config, "seed": 7}), RunOptions(resume=True), generator=fake_generator(), progress=False)
     with pytest.raises(RlcdError, match=r"cannot resume: .*max_new_tokens: 300 -> 10"):
-        build(BuildConfig(**{**config, "max_new_tokens": 10}, resume=True), generator=fake_generator(), progress=False)
+        build(BuildConfig(**{**config, "max_new_tokens": 10}), RunOptions(resume=True), generator=fake_generator(), progress=False)
     # the same configuration, with an edited template in the same folder: the rendered prompts differ
     edit(root / "harmless" / "p_plus.jinja", "Assistant (", "Assistant [(")
     with pytest.raises(RlcdError, match=r"cannot resume: .*\(rendered prompts \(prompt source, templates") as refused:
-        build(BuildConfig(**config, resume=True), generator=fake_generator(), progress=False)
+        build(BuildConfig(**config), RunOptions(resume=True), generator=fake_generator(), progress=False)
     assert "templates:" not in str(refused.value)  # refused for the render, not for a changed option
     edit(root / "harmless" / "p_plus.jinja", "Assistant [(", "Assistant (")
     # a different batch size is fine: it does not change what is built
-    build(BuildConfig(**{**config, "batch_size": 8}, resume=True), generator=fake_generator(), progress=False)
+    build(BuildConfig(**{**config, "batch_size": 8}), RunOptions(resume=True), generator=fake_generator(), progress=False)
 
 
 class EvenLabeller:
@@ -109,13 +109,13 @@ def test_resume_checks_the_task_files_the_method_uses(tmp_path, fake_generator):
     edit(task / "task.yaml", "scorer:", "# a comment\nscorer:")
     (tmp_path / "resumed").mkdir()
     shutil.copytree(tmp_path / "out", tmp_path / "resumed" / "out")
-    result = build(BuildConfig(**{**config, "output": str(tmp_path / "resumed" / "out")}, resume=True),
+    result = build(BuildConfig(**{**config, "output": str(tmp_path / "resumed" / "out")}), RunOptions(resume=True),
                    generator=fake_generator(), progress=False)
     assert result.stats.pairs == 6
     # A template the prompts are rendered from does.
     edit(task / "p_plus.jinja", "Assistant (", "Assistant [(")
     with pytest.raises(RlcdError, match=r"cannot resume: .*\(rendered prompts \(prompt source, templates"):
-        build(BuildConfig(**config, resume=True), generator=fake_generator(), progress=False)
+        build(BuildConfig(**config), RunOptions(resume=True), generator=fake_generator(), progress=False)
 
 
 def test_resume_of_a_scored_build_checks_its_labeller(tmp_path, fake_generator):
@@ -124,9 +124,9 @@ def test_resume_of_a_scored_build_checks_its_labeller(tmp_path, fake_generator):
     config = interrupted_build(tmp_path, fake_generator, EvenLabeller(), templates=str(root), method="rlcd-rescore")
     edit(root / "harmless" / "compare.jinja", "The answer is: (", "Answer now.\nThe answer is: (")
     with pytest.raises(RlcdError, match=r"cannot resume: .*\(labeller \(compare.jinja or the scorer instructions"):
-        build(BuildConfig(**config, resume=True), generator=fake_generator(), labeller=EvenLabeller(), progress=False)
+        build(BuildConfig(**config), RunOptions(resume=True), generator=fake_generator(), labeller=EvenLabeller(), progress=False)
     edit(root / "harmless" / "compare.jinja", "Answer now.\nThe answer is: (", "The answer is: (")
-    result = build(BuildConfig(**config, resume=True), generator=fake_generator(), labeller=EvenLabeller(), progress=False)
+    result = build(BuildConfig(**config), RunOptions(resume=True), generator=fake_generator(), labeller=EvenLabeller(), progress=False)
     assert result.stats.pairs == 6
 
 
@@ -137,14 +137,14 @@ def test_a_build_from_before_token_bans_resumes_without_them(tmp_path, fake_gene
     del state["config"]["banned_characters"]  # as written before the field existed
     state_file.write_text(json.dumps(state))
     with pytest.raises(RlcdError, match=r"cannot resume: .*banned_characters: '' -> '\\\\`'"):
-        build(BuildConfig(**config, resume=True), generator=fake_generator(), progress=False)
-    result = build(BuildConfig(**config, banned_characters="", resume=True), generator=fake_generator(), progress=False)
+        build(BuildConfig(**config), RunOptions(resume=True), generator=fake_generator(), progress=False)
+    result = build(BuildConfig(**config, banned_characters=""), RunOptions(resume=True), generator=fake_generator(), progress=False)
     assert result.stats.pairs == 6
 
 
 def test_resume_needs_an_interrupted_build(tmp_path, fake_generator):
     with pytest.raises(RlcdError, match="nothing to resume"):
-        build(BuildConfig(task="harmless", output=str(tmp_path / "none"), resume=True), generator=fake_generator())
+        build(BuildConfig(task="harmless", output=str(tmp_path / "none")), RunOptions(resume=True), generator=fake_generator())
 
 
 def test_resume_of_a_finished_build_succeeds_without_generating(tmp_path, fake_generator, capsys, monkeypatch):
@@ -153,15 +153,15 @@ def test_resume_of_a_finished_build_succeeds_without_generating(tmp_path, fake_g
     build(BuildConfig(**config), generator=fake_generator(), progress=False)
     before = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
     generator = fake_generator()
-    result = build(BuildConfig(**config, resume=True), generator=generator, progress=False)
+    result = build(BuildConfig(**config), RunOptions(resume=True), generator=generator, progress=False)
     assert result.complete_before and result.stats.pairs == 6 and result.splits == {"train": 6}
     assert generator.requests == []
     assert {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == before
     with pytest.raises(RlcdError, match=r"finished build with another configuration \(seed: 0 -> 3\)"):
-        build(BuildConfig(**config, seed=3, resume=True), generator=fake_generator(), progress=False)
+        build(BuildConfig(**config, seed=3), RunOptions(resume=True), generator=fake_generator(), progress=False)
     import rlcd_data.pipeline as pipeline
 
-    monkeypatch.setattr(pipeline, "build", lambda config, **kw: result)
+    monkeypatch.setattr(pipeline, "build", lambda config, options=None, **kw: result)
     assert main(["build", "harmless", "--prompts", config["prompts"], "--output", config["output"], "--resume"]) == 0
     assert "already complete (6 pairs)" in capsys.readouterr().out
 
@@ -238,7 +238,7 @@ def test_disk_full_is_a_clear_error_and_earlier_parts_stay_valid(tmp_path, fake_
 
     import datasets
 
-    from rlcd_data import pipeline
+    from rlcd_data import staging as staging_module
 
     writes = {"n": 0}
     real_fsync = os.fsync
@@ -249,15 +249,15 @@ def test_disk_full_is_a_clear_error_and_earlier_parts_stay_valid(tmp_path, fake_
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_fsync(fd)
 
-    monkeypatch.setattr(pipeline.os, "fsync", fsync)
+    monkeypatch.setattr(staging_module.os, "fsync", fsync)
     config = dict(task="harmless", prompts=str(prompts_file(tmp_path)), output=str(tmp_path / "out"), batch_size=1)
     with pytest.raises(RlcdError, match=r"cannot write part 1 \(No space left on device\); the parts written before"):
         build(BuildConfig(**config), generator=QueueGenerator(), progress=False)
     staging = tmp_path / "out" / ".rlcd-build"
     # no half-written file
     assert sorted(p.name for p in staging.iterdir()) == ["elapsed.json", "part-000000.jsonl", "state.json"]
-    monkeypatch.setattr(pipeline.os, "fsync", real_fsync)
-    build(BuildConfig(**config, resume=True), generator=fake_generator(), progress=False)
+    monkeypatch.setattr(staging_module.os, "fsync", real_fsync)
+    build(BuildConfig(**config), RunOptions(resume=True), generator=fake_generator(), progress=False)
     rows = datasets.load_dataset(str(tmp_path / "out"), split="train").to_list()
     assert [r["source_index"] for r in rows] == list(range(6))
 
@@ -292,7 +292,7 @@ def test_an_interrupt_keeps_the_pairs_completed_in_the_call_under_way(tmp_path, 
     kept = [json.loads(line)["source_index"] for p in parts for line in p.read_text().splitlines()]
     assert kept == [0, 1, 2, 3]
     generator = fake_generator()
-    build(BuildConfig(**config, resume=True), generator=generator, progress=False)
+    build(BuildConfig(**config), RunOptions(resume=True), generator=generator, progress=False)
     assert {p.split("number ")[1][0] for call in generator.requests for p in call} == {"4", "5"}
 
 
@@ -333,9 +333,9 @@ def test_auto_dtype_is_recorded_as_what_it_chose_and_a_resume_choosing_otherwise
     monkeypatch.setattr(TransformersGenerator, "generate", generate)
     monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
     with pytest.raises(RlcdError, match=r"cannot resume: .*dtype: 'bfloat16' -> 'float32'"):
-        build(BuildConfig(**config, resume=True), progress=False)
+        build(BuildConfig(**config), RunOptions(resume=True), progress=False)
     monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
-    build(BuildConfig(**config, resume=True), progress=False)
+    build(BuildConfig(**config), RunOptions(resume=True), progress=False)
     assert loaded == [torch.bfloat16, torch.bfloat16]
     out = tmp_path / "out"
     assert yaml.safe_load((out / "rlcd_build.yaml").read_text())["dtype"] == "bfloat16"
@@ -349,7 +349,7 @@ def test_a_cpu_build_that_recorded_auto_resumes_as_the_float32_it_ran_in(tmp_pat
 
     from rlcd_data import models
     from rlcd_data.generate import TransformersGenerator
-    from rlcd_data.pipeline import STAGING, STATE_FILE
+    from rlcd_data.staging import STAGING, STATE_FILE
 
     config = dict(task="harmless", model=str(tiny_model_dir), prompts=str(prompts_file(tmp_path, n=3)),
                   output=str(tmp_path / "out"), max_new_tokens=40, backend="transformers")
@@ -369,7 +369,80 @@ def test_a_cpu_build_that_recorded_auto_resumes_as_the_float32_it_ran_in(tmp_pat
     state_file.write_text(json.dumps(state))
     monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
     with pytest.raises(RlcdError, match=r"cannot resume: .*dtype: 'float32' -> 'bfloat16'"):
-        build(BuildConfig(**config, resume=True), progress=False)
+        build(BuildConfig(**config), RunOptions(resume=True), progress=False)
     monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
-    result = build(BuildConfig(**config, resume=True), progress=False)
+    result = build(BuildConfig(**config), RunOptions(resume=True), progress=False)
     assert result.stats.pairs > 0
+
+
+class WatchedGenerator(StreamingGenerator):
+    """Streams outputs like the real generator and remembers whether a generate() call is under way."""
+
+    def __init__(self, interrupt_at: str | None = None):
+        self.busy = False
+        self.interrupt_at = interrupt_at
+        self.asked: list[str] = []
+
+    def generate(self, prompts, seeds, settings, on_progress=None):
+        from rlcd_data.generate import Completion
+
+        self.busy = True
+        try:
+            out = []
+            for i, prompt in enumerate(prompts):
+                if self.interrupt_at and self.interrupt_at in prompt:
+                    raise KeyboardInterrupt
+                self.asked.append(prompt)
+                out.append(Completion(f"answer {len(self.asked)}", 2, True))
+                on_progress([(i, out[-1])], 2)
+            return out
+        finally:
+            self.busy = False
+
+
+class CheckedLabeller(EvenLabeller):
+    """Fails the build if asked to label while the generator is decoding."""
+
+    def __init__(self, generator):
+        self.generator = generator
+        self.labelled = 0
+
+    def first_option_probability(self, prompts):
+        assert not self.generator.busy, "labelled during a generate() call"
+        self.labelled += len(prompts)
+        return super().first_option_probability(prompts)
+
+
+@pytest.mark.parametrize("method", ["rlaif", "rlcd-rescore"])
+def test_scored_methods_label_between_generate_calls(tmp_path, method):
+    generator = WatchedGenerator()
+    labeller = CheckedLabeller(generator)
+    config = BuildConfig(task="harmless", prompts=str(prompts_file(tmp_path)), output=str(tmp_path / "out"),
+                         batch_size=2, method=method)
+    result = build(config, generator=generator, labeller=labeller, progress=False)
+    assert result.stats.pairs == 6 and labeller.labelled == 6
+
+
+def test_an_interrupted_scored_build_keeps_its_decoded_pairs_and_labels_them_on_resume(tmp_path):
+    """Pairs 0-3 are decoded, then the interrupt comes before the call ends (before labelling): they are
+    kept unlabelled, and --resume labels them without generating them again."""
+    import datasets
+
+    config = dict(task="harmless", prompts=str(prompts_file(tmp_path)), output=str(tmp_path / "out"), batch_size=16,
+                  method="rlaif")
+    first = WatchedGenerator(interrupt_at="Question number 4?")
+    with pytest.raises(KeyboardInterrupt):
+        build(BuildConfig(**config), generator=first, labeller=CheckedLabeller(first), progress=False)
+    parts = sorted((tmp_path / "out" / ".rlcd-build").glob("part-*.jsonl"))
+    records = [json.loads(line) for p in parts for line in p.read_text().splitlines()]
+    assert [r["unlabelled"]["source_index"] for r in records] == [0, 1, 2, 3]
+    kept = {r["unlabelled"]["source_index"]: r["unlabelled"]["chosen"] for r in records}
+    second = WatchedGenerator()
+    labeller = CheckedLabeller(second)
+    build(BuildConfig(**config), RunOptions(resume=True), generator=second, labeller=labeller, progress=False)
+    assert {p.split("number ")[1][0] for p in second.asked} == {"4", "5"}
+    assert labeller.labelled == 6
+    rows = datasets.load_dataset(str(tmp_path / "out"), split="train").to_list()
+    assert [r["source_index"] for r in rows] == list(range(6))
+    assert all(r["chosen_probability"] == 0.5 for r in rows)
+    assert all(kept[i] in (rows[i]["chosen"].strip(), rows[i]["rejected"].strip()) for i in kept)

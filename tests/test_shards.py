@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from rlcd_data.cli import main
-from rlcd_data.config import BuildConfig
+from rlcd_data.config import BuildConfig, RunOptions
 from rlcd_data.errors import RlcdError
-from rlcd_data.pipeline import build, merge
+from rlcd_data.pipeline import build
+from rlcd_data.shards import merge
 
 
 def prompts_file(tmp_path, n=7):
@@ -34,7 +35,7 @@ def test_two_shards_then_merge_equal_one_process(tmp_path, fake_generator):
     build(BuildConfig(**common, output=str(tmp_path / "one")), generator=fake_generator(), progress=False)
     shards = []
     for index in (1, 0):  # any order
-        result = build(BuildConfig(**common, output=str(tmp_path / "two"), num_shards=2, shard_index=index),
+        result = build(BuildConfig(**common, output=str(tmp_path / "two")), RunOptions(num_shards=2, shard_index=index),
                        generator=(g := fake_generator()), progress=False)
         assert result.shard == (index, 2) and not (tmp_path / "two" / "data").exists()
         asked = sorted({int(p.split("number ")[1].split("?")[0]) for call in g.requests for p in call})
@@ -50,9 +51,9 @@ def test_two_shards_then_merge_equal_one_process(tmp_path, fake_generator):
 
 
 def test_merge_names_the_missing_shard(tmp_path, fake_generator, capsys):
-    common = dict(task="harmless", prompts=str(prompts_file(tmp_path)), output=str(tmp_path / "o"), num_shards=3)
-    build(BuildConfig(**common, shard_index=0), generator=fake_generator(), progress=False)
-    build(BuildConfig(**common, shard_index=2), generator=fake_generator(), progress=False)
+    common = dict(task="harmless", prompts=str(prompts_file(tmp_path)), output=str(tmp_path / "o"))
+    build(BuildConfig(**common), RunOptions(num_shards=3, shard_index=0), generator=fake_generator(), progress=False)
+    build(BuildConfig(**common), RunOptions(num_shards=3, shard_index=2), generator=fake_generator(), progress=False)
     assert main(["merge", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert "shard(s) 1 of 3 not finished" in err and len(err.splitlines()) == 1
@@ -63,20 +64,20 @@ def test_merge_names_the_missing_shard(tmp_path, fake_generator, capsys):
 
 def test_shard_flags_are_checked(tmp_path):
     with pytest.raises(RlcdError, match="go together"):
-        BuildConfig(task="harmless", num_shards=2)
+        RunOptions(num_shards=2)
     with pytest.raises(RlcdError, match=r"--shard-index must be in 0..1"):
-        BuildConfig(task="harmless", num_shards=2, shard_index=2)
+        RunOptions(num_shards=2, shard_index=2)
 
 
 def test_a_second_shard_may_share_the_folder_but_not_a_finished_dataset(tmp_path, fake_generator):
-    common = dict(task="harmless", prompts=str(prompts_file(tmp_path)), output=str(tmp_path / "o"), num_shards=2)
-    build(BuildConfig(**common, shard_index=0), generator=fake_generator(), progress=False)
+    common = dict(task="harmless", prompts=str(prompts_file(tmp_path)), output=str(tmp_path / "o"))
+    build(BuildConfig(**common), RunOptions(num_shards=2, shard_index=0), generator=fake_generator(), progress=False)
     with pytest.raises(RlcdError, match="this shard's files exist"):
-        build(BuildConfig(**common, shard_index=0), generator=fake_generator(), progress=False)
-    build(BuildConfig(**common, shard_index=1), generator=fake_generator(), progress=False)
+        build(BuildConfig(**common), RunOptions(num_shards=2, shard_index=0), generator=fake_generator(), progress=False)
+    build(BuildConfig(**common), RunOptions(num_shards=2, shard_index=1), generator=fake_generator(), progress=False)
     merge(tmp_path / "o")
     with pytest.raises(RlcdError, match="pass --overwrite"):
-        build(BuildConfig(**common, shard_index=0), generator=fake_generator(), progress=False)
+        build(BuildConfig(**common), RunOptions(num_shards=2, shard_index=0), generator=fake_generator(), progress=False)
 
 
 def _free_port() -> int:

@@ -268,6 +268,49 @@ def test_text_reward_cuts_at_human_turn_and_penalises(tiny_reward_model, tiny_mo
     assert out[1, -1, 0].item() == -7.0
 
 
+def test_ppo_with_an_llm_rater_as_the_reward(tiny_model_dir, tmp_path, capsys):
+    """Direct RLAIF: two PPO updates rewarded by the tiny model's 1-10 ratings change the policy, and the
+    card names the reward."""
+    from safetensors.torch import load_file
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Tell me about number {i}."}) + "\n" for i in range(8)))
+    out = tmp_path / "ppo-llm"
+    args = ppo_args("unused", tiny_model_dir, prompts, out, 4, 12, "1e-3", "--prompt_format", "text")
+    args[args.index("--reward_model") : args.index("--reward_model") + 2] = ["--reward_llm", str(tiny_model_dir)]
+    assert main(args) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["ppo_updates"] == 2 and metrics["reward"].startswith(f"LLM rater {tiny_model_dir}")
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert not (load_file(tiny_model_dir / "model.safetensors")[name] == load_file(out / "model.safetensors")[name]).all()
+    card = (out / "README.md").read_text()
+    assert f"reward_llm: {tiny_model_dir}" in card and "LLM rater" in card
+    assert main(ppo_args(tiny_model_dir, tiny_model_dir, prompts, out, 4, 12, "1e-3", "--reward_llm", "x")) == 2
+    assert "give --reward_model or --reward_llm" in capsys.readouterr().err
+
+
+def test_llm_reward_is_the_raters_expected_score_of_the_cut_response(tiny_model_dir):
+    import torch
+    from transformers import AutoTokenizer
+
+    from rlcd_data.rater import LLMRewards, open_rater
+    from rlcd_data.tasks import load_task
+    from rlcd_data.train.ppo import _reward_adapter_class
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rater, chat = open_rater(str(tiny_model_dir))
+    task = load_task("harmless")
+    prompt = "\n\nHuman: hi?\n\nAssistant:"
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    reward = _reward_adapter_class()(LLMRewards(rater, task, chat), tok, {tuple(prompt_ids): prompt}, penalty=-3.0)
+    finished = prompt_ids + tok(f" {GOOD}\n\nHuman: more", add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([finished + [tok.pad_token_id]])  # ends in padding: the response ended
+    mask = torch.tensor([[1] * len(finished) + [0]])
+    out = reward.score(getattr(reward, reward.base_model_prefix)(input_ids=ids, attention_mask=mask).hidden_states[-1])
+    expected = rater.rewards([task.render_rating(prompt, f" {GOOD}")])[0]
+    assert out[0, -1, 0].item() == pytest.approx(expected, rel=1e-5) and -1 <= expected <= 1
+
+
 def test_sft_on_pairs_uses_chosen(tiny_model_dir, tmp_path):
     out = tmp_path / "sft"
     args = ["train", "sft", "--dataset", str(toy_pairs(tmp_path / "p.jsonl", n=8)), "--model", str(tiny_model_dir),
@@ -291,7 +334,7 @@ def test_sft_on_pairs_uses_chosen(tiny_model_dir, tmp_path):
         (["train", "reward", "--preset", "nope", "--dataset", "d"], "unknown preset 'nope'"),
         (["train", "ppo", "--policy", "p", "--prompts", "q"], "--reward_model is required"),
         (["train", "reward", "--dataset", "d", "--learnin_rate", "1"], "not used by the HfArgumentParser: ['--learnin_rate'"),
-        (["train", "sft", "--dataset", "d", "--config", "nope.yaml"], "--config: no such file nope.yaml"),
+        (["train", "sft", "--dataset", "d", "--config", "nope.yaml"], "nope.yaml: no such config file"),
         (["eval", "reward-model", "--reward-model", "nowhere/at/all", "--pairs", "p.jsonl"], "no such model folder"),
     ],
 )

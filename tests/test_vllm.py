@@ -119,23 +119,6 @@ def test_labeller_matches_the_transformers_labeller(vllm_engine, tiny_vllm_model
     assert min(abs(p - 0.5) for p in expected) > 1e-4  # the random model is not indifferent: the match says something
 
 
-def test_labels_asked_for_while_generating_do_not_wait_for_the_queue(generator, vllm_engine):
-    """A labelling call from inside a generation call (as the build makes) is served before the
-    generation requests still waiting in the engine, not after all of them."""
-    labeller = VLLMLabeller(vllm_engine)
-    prompts = PROMPTS * 4  # 48 requests for 8 sequence slots: most of them wait
-    finished_before_label = []
-
-    def on_progress(done, tokens):
-        if not finished_before_label:
-            labeller.first_option_probability([PROMPTS[0] + " (A) x (B) y The answer is: ("])
-            finished_before_label.append(len(vllm_engine._pending) + len(done))
-        return None
-
-    generator.generate(prompts, [request_seed(5, i) for i in range(48)], SamplingSettings(max_new_tokens=20), on_progress)
-    assert finished_before_label[0] < 24  # the label did not wait for the 48 generation requests
-
-
 def test_build_with_retries_and_labels_on_the_engine(tmp_path, generator, vllm_engine):
     import datasets
 

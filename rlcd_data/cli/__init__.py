@@ -6,17 +6,23 @@ import argparse
 import sys
 
 from ..errors import RlcdError
-from . import build, compare, inspect, ls, merge, preview, push, train
+from . import build, compare, inspect, ls, merge, preview, push, score, train
 from . import eval as eval_
 
 COMMANDS = {
     "build": build, "push": push, "preview": preview, "ls": ls, "merge": merge, "train": train, "eval": eval_,
-    "inspect": inspect, "compare": compare,
+    "inspect": inspect, "compare": compare, "score": score,
 }
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, with its errors on one line (no usage dump); `--help` shows the usage."""
+    """argparse, with its errors on one line (no usage dump); `--help` shows the usage. Every long option
+    takes both spellings, ``--prompt-format`` and ``--prompt_format``, as the build and the recipes do."""
+
+    def add_argument(self, *names, **kwargs):
+        both = [n for name in names for n in dict.fromkeys((name, "--" + name[2:].replace("-", "_")))
+                if name.startswith("--")]
+        return super().add_argument(*[n for n in names if not n.startswith("--")], *both, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -43,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     try:
         return COMMANDS[args.command].run(args) or 0
+    except SystemExit as e:  # a command's own parser: --help (0)
+        return e.code if isinstance(e.code, int) else 2
     except RlcdError as e:
         print(f"rlcd-data: error: {e}", file=sys.stderr)
         return 2

@@ -1,25 +1,82 @@
-"""`rlcd-data build TASK`: simulate a preference dataset."""
+"""`rlcd-data build TASK`: simulate a preference dataset.
+
+Options are parsed with transformers' `HfArgumentParser` from `BuildConfig`,
+`RunOptions` and `Publish`, like the training recipes, so every option has both
+spellings (``--max-new-tokens`` and ``--max_new_tokens``). Values are layered:
+defaults < ``--config FILE.yaml`` < command-line flags.
+"""
 
 from __future__ import annotations
 
+import argparse
 import signal
 import sys
+from dataclasses import dataclass, field
 
-from ..config import BuildConfig
-from ._dataclass_args import add_dataclass_arguments, config_from_args
-from .push import add_push_arguments, report
+from ..config import BuildConfig, RunOptions, read_config_file
+from ..errors import RlcdError
+from .push import report
+
+DESCRIPTION = ("Render p+/p- prompts for each source prompt, sample both with a model, and write the pairs as a "
+               "Hugging Face dataset folder with its card.")
+
+
+@dataclass
+class Publish:
+    push_to_hub: str | None = field(
+        default=None, metadata={"help": "Dataset repo on the Hub (NAMESPACE/NAME, created if missing) to push to."}
+    )
+    private: bool = field(default=False, metadata={"help": "Create the repo as private."})
+    token: str | None = field(default=None, metadata={"help": "Hub token (default: $HF_TOKEN, then the saved login)."})
 
 
 def add_parser(sub) -> None:
     parser = sub.add_parser(
-        "build",
-        help="Simulate an RLCD preference dataset into a Hub-ready folder.",
-        description="Render p+/p- prompts for each source prompt, sample both with a model, "
-        "and write the pairs as a Hugging Face dataset folder with its card.",
+        "build", help="Simulate an RLCD preference dataset into a Hub-ready folder.", description=DESCRIPTION,
+        add_help=False, prefix_chars="\0",  # every word after `build`, --help included, goes to `parse`
     )
-    add_dataclass_arguments(parser, BuildConfig, positional=("task",))
-    hub = parser.add_argument_group("publishing")
-    add_push_arguments(hub, repo_flag="--push-to-hub", required=False)
+    parser.add_argument("options", nargs=argparse.REMAINDER, help="TASK and options (see `rlcd-data build --help`).")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one to show."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
+def make_parser():
+    """The build's option parser (HfArgumentParser); errors are one-line `RlcdError`s."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser((BuildConfig, RunOptions, Publish), prog="rlcd-data build", description=DESCRIPTION,
+                              usage="rlcd-data build TASK [options]", formatter_class=_Help)
+    parser.add_argument("--config", metavar="FILE.yaml", help="Read options from a YAML file; flags win.")
+    parser._option_string_actions["--task"].required = False  # TASK may come first, or from --config
+
+    def one_line_error(message: str):
+        raise RlcdError(f"build: {message} (see --help)")
+
+    parser.error = one_line_error
+    return parser
+
+
+def parse(argv: list[str]) -> tuple[BuildConfig, RunOptions, Publish]:
+    """Parse ``rlcd-data build`` options; a leading bare word is the task.
+
+    Raises:
+        RlcdError: an unknown option, a bad value, an unreadable --config file.
+    """
+    argv = list(argv)
+    if argv and not argv[0].startswith("-"):
+        argv[:1] = ["--task", argv[0]]
+    parser = make_parser()
+    if "--config" in argv[:-1]:
+        parser.set_defaults(**read_config_file(argv[argv.index("--config") + 1], BuildConfig))
+    config, options, publish, _, unknown = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    if unknown:
+        raise RlcdError(f"build: unknown option(s) {' '.join(unknown)} (see --help)")
+    return config, options, publish
 
 
 def _interrupt(signum, frame):
@@ -29,14 +86,14 @@ def _interrupt(signum, frame):
 def run(args) -> int:
     from ..pipeline import build
 
-    config = config_from_args(args, BuildConfig)
-    if args.repo_id:
+    config, options, publish = parse(args.options)
+    if publish.push_to_hub:
         from ..hub import check_can_push
 
-        check_can_push(args.token)  # fail before hours of generation, not after
+        check_can_push(publish.token)  # fail before hours of generation, not after
     previous = signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's TERM stops like Ctrl-C
     try:
-        result = build(config)
+        result = build(config, options)
     except KeyboardInterrupt:
         print(
             f"rlcd-data: interrupted; completed pairs are kept in {config.output}/.rlcd-build/. "
@@ -67,8 +124,10 @@ def run(args) -> int:
         f"{s.seconds:.0f} s, {s.pairs / max(s.seconds, 1e-9):.2f} pairs/s"
     )
     print(f"load it with: {result.load_line()}")
-    if args.repo_id:
+    if publish.push_to_hub:
         from ..hub import push
 
-        report(push(result.output, args.repo_id, private=args.private, token=args.token))
+        report(push(result.output, publish.push_to_hub, private=publish.private, token=publish.token))
     return 0
+
+

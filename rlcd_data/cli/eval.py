@@ -85,7 +85,9 @@ def _name(source: str) -> str:
     """A short name for a data source in metric names (file stem or last path part)."""
     from pathlib import Path
 
+    from ..pairs import FILE_SUFFIXES
+
     name = Path(source).name
-    for suffix in (".gz", ".jsonl", ".json", ".parquet", ".csv"):
+    for suffix in FILE_SUFFIXES:
         name = name.removesuffix(suffix)
     return name.replace("-", "_") or "data"

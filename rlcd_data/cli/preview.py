@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from ..config import DEFAULT_MODEL, PROMPT_FORMATS, BuildConfig
-from ._dataclass_args import config_from_args
 
 
 def add_parser(sub) -> None:
@@ -23,7 +24,8 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from ..pipeline import prepare
 
-    config = config_from_args(args, BuildConfig)
+    names = {f.name for f in dataclasses.fields(BuildConfig)}
+    config = BuildConfig(**{k: v for k, v in vars(args).items() if k in names})
     plan = prepare(config)
     print(f"# prompt format: {plan.config.prompt_format}, temperature {plan.config.temperature}")
     for pair in plan.pairs:

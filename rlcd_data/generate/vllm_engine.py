@@ -71,8 +71,6 @@ class VLLMEngine:
         kwargs = dict(
             model=model, dtype=dtype, max_num_seqs=max_num_seqs, tensor_parallel_size=tensor_parallel_size,
             enable_prefix_caching=True, seed=seed, disable_log_stats=True,
-            # a labelling call made while a build's generation requests are queued goes first
-            scheduling_policy="priority",
             # labels read the probability of A among {A, B}: logprobs after the token whitelist
             logprobs_mode="processed_logprobs",
             # compiling takes minutes at every start on CPU and its cache does not load back: eager there
@@ -91,7 +89,6 @@ class VLLMEngine:
             raise RlcdError(f"vLLM could not start on {model}: {str(e).splitlines()[0]}") from None
         self.tokenizer = self.llm.get_tokenizer()
         self._allowed: dict[str, list[int] | None] = {}
-        self._pending: list = []  # finished outputs of an enclosing `run` call
 
     def close(self) -> None:
         """Stop the engine's processes now (they stop at exit otherwise)."""
@@ -105,10 +102,9 @@ class VLLMEngine:
             self._allowed[banned_characters] = [i for i in range(vocabulary) if i not in banned] if banned else None
         return self._allowed[banned_characters]
 
-    def run(self, requests, on_finished, priority: int = 0) -> None:
+    def run(self, requests, on_finished) -> None:
         """Run ``(request_id, prompt, SamplingParams)`` requests; ``on_finished(outputs)`` after each engine
-        step that finished some, which may return more requests to add. Requests of a lower ``priority``
-        value are scheduled before those already waiting (vLLM's priority scheduling).
+        step that finished some, which may return more requests to add.
 
         Prompts are tokenized as the transformers engine does (no special
         tokens added), so both engines see the same token ids.
@@ -118,25 +114,19 @@ class VLLMEngine:
 
         def add(request_id, prompt, params):
             ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            engine.add_request(request_id, {"prompt_token_ids": ids}, params, priority=priority)
+            engine.add_request(request_id, {"prompt_token_ids": ids}, params)
             mine.add(request_id)
 
         for request in requests:
             add(*request)
         try:
             while mine:
-                # A call made from a callback (labelling while generating) shares the engine: each call
-                # takes its own finished requests and leaves the others for the call they belong to.
-                outputs, self._pending = self._pending, []
-                if not any(o.request_id in mine for o in outputs):
-                    if not engine.has_unfinished_requests():
-                        raise RuntimeError(f"vLLM lost {len(mine)} requests")
-                    outputs += [o for o in engine.step() if o.finished]
-                own = [o for o in outputs if o.request_id in mine]
-                self._pending += [o for o in outputs if o.request_id not in mine]
-                mine.difference_update(o.request_id for o in own)
-                if own:
-                    for request in on_finished(own) or ():
+                if not engine.has_unfinished_requests():
+                    raise RuntimeError(f"vLLM lost {len(mine)} requests")
+                finished = [o for o in engine.step() if o.finished]
+                mine.difference_update(o.request_id for o in finished)
+                if finished:
+                    for request in on_finished(finished) or ():
                         add(*request)
         except Exception as e:
             from vllm.v1.engine.exceptions import EngineDeadError
@@ -247,6 +237,5 @@ class VLLMLabeller:
                 (step,) = output.outputs[0].logprobs
                 probabilities[output.request_id] = math.exp(step[a].logprob)
 
-        # Labels are asked for while a build's generation requests wait in the engine: they go first.
-        self.engine.run([(f"label-{call}-{i}", p, params) for i, p in enumerate(prompts)], on_finished, priority=-1)
+        self.engine.run([(f"label-{call}-{i}", p, params) for i, p in enumerate(prompts)], on_finished)
         return [probabilities[f"label-{call}-{i}"] for i in range(len(prompts))]

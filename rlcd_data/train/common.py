@@ -13,15 +13,74 @@ import enum
 import json
 import shlex
 import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from ..errors import RlcdError
+from ..models import pad_with  # noqa: F401 (the recipes' tokenizer fix-up)
 from ..resources import resource_dir
+from ..yaml_file import read_mapping
 
 EMBEDDED_ENCODER = "minilm-l6"
 RECORD_FILE = "rlcd_recipe.json"  # next to a trained model: recipe, dataset, settings, metrics
+
+
+@dataclass
+class ScriptArguments:
+    """The options every recipe that trains on a dataset has (each recipe adds its own)."""
+
+    dataset: str = field(
+        default=None,
+        metadata={"help": "Dataset: a folder `rlcd-data build` wrote, a .jsonl/.parquet/.csv file, or a Hub id."},
+    )
+    split: str = field(default="train", metadata={"help": "Split of the dataset to train on."})
+    model: str | None = field(
+        default=None,
+        metadata={"help": "Base model (same as --model_name_or_path): a folder, a Hub id, or an embedded model "
+                          "(`smollm2-135m-instruct`, `minilm-l6`)."},
+    )
+    limit: int | None = field(default=None, metadata={"help": "Train on the first N examples only."})
+
+
+def require(recipe: str, **values) -> None:
+    """Raises RlcdError naming the first required option left empty."""
+    for name, value in values.items():
+        if not value:
+            raise RlcdError(f"train {recipe}: --{name} is required")
+
+
+def base_model(recipe: str, script: ScriptArguments, model_args) -> tuple[str, str]:
+    """(the base model as given, its local path) from ``--model`` or ``--model_name_or_path``.
+
+    Raises:
+        RlcdError: no dataset or no base model given.
+    """
+    require(recipe, dataset=script.dataset)
+    base = script.model or model_args.model_name_or_path
+    require(recipe, model=base)
+    model_args.model_name_or_path = base
+    return base, resolve_base(base)
+
+
+def run(trainer) -> tuple[object, float]:
+    """Train; returns TRL's train() result and the seconds it took."""
+    start = time.perf_counter()
+    result = trainer.train()
+    return result, time.perf_counter() - start
+
+
+def finish(output_dir: str, *, recipe: str, base: str, dataset: str, metrics: dict, configs: tuple, preset: str | None,
+           argv: list[str] | None, pipeline_tag: str, settings: dict | None = None) -> dict:
+    """Write the model card and record of a trained model (settings: those differing from the defaults of
+    ``configs``, plus ``settings``); returns ``metrics``."""
+    write_model_card(
+        output_dir, recipe=recipe, base_model=base, dataset=dataset, metrics=metrics, pipeline_tag=pipeline_tag,
+        settings={"preset": preset, **changed_settings(*configs), **(settings or {})}, argv=argv,
+    )
+    return metrics
 
 
 def preset_path(name: str) -> Path:
@@ -61,23 +120,15 @@ def parse(parser, argv: list[str] | None, default_preset: str | None = None):
         preset = argv[i + 1]
         del argv[i : i + 2]
     if preset and preset != "none":
-        values = yaml.safe_load(preset_path(preset).read_text())
+        values = read_mapping(preset_path(preset), "preset")
         unknown = parser.set_defaults_with_config(**values)
         if unknown:
             raise RlcdError(f"preset {preset}: unknown keys {unknown}")
     if "--config" in argv:
         i = argv.index("--config")
-        config = Path(argv[i + 1]) if i + 1 < len(argv) else None
-        if config is None or not config.is_file():
-            raise RlcdError(f"--config: no such file {config}")
-        try:
-            loaded = yaml.safe_load(config.read_text())
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{config}:{mark.line + 1}" if mark else str(config)
-            raise RlcdError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-        if not isinstance(loaded, dict):
-            raise RlcdError(f"{config}: must hold a YAML mapping of option names to values")
+        if i + 1 >= len(argv):
+            raise RlcdError("--config needs a file")
+        read_mapping(argv[i + 1], "config file")  # its YAML errors name file and line; TrlParser reads it
     try:
         return parser.parse_args_and_config(argv), (preset if preset != "none" else None)
     except ValueError as e:

@@ -18,7 +18,6 @@ the step grid (20 ... 80) comes from the checkpoints of the same runs.
 from __future__ import annotations
 
 import functools
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +30,16 @@ KL_GRID = (0.001, 0.002, 0.004, 0.008, 0.016, 0.032)
 @dataclass
 class PPOScriptArguments:
     reward_model: str = field(default=None, metadata={"help": "Reward model folder (`rlcd-data train reward`)."})
+    reward_llm: str | None = field(
+        default=None,
+        metadata={"help": "Direct RLAIF instead of --reward_model: this causal LM rates each response 1-10 with the "
+                          "task's rate.jinja; the reward is its expected score mapped to [-1, 1] (Lee et al. 2023)."},
+    )
+    rater_task: str = field(default="harmless", metadata={"help": "--reward_llm: the task whose rate.jinja it reads."})
+    rater_quantization: str = field(default="none", metadata={"help": "--reward_llm: none, 8bit or 4bit."})
+    rater_prompt_format: str = field(
+        default="text", metadata={"help": "--reward_llm: text, chat or auto (chat when the rater has a template)."}
+    )
     policy: str = field(
         default=None,
         metadata={"help": "Policy to improve: a folder, a Hub id, or `smollm2-135m-instruct` (the embedded model)."},
@@ -115,32 +124,32 @@ def _reward_adapter_class():
     import torch
     from torch import nn
 
-    from ..conversation import as_completion, extract_response
+    from ..conversation import extract_response
 
     class TextReward(nn.Module):
-        """A reward model behind the interface TRL's PPO calls (`get_reward`), scoring decoded text.
+        """A reward (a reward model, or an LLM rater) behind the interface TRL's PPO calls (`get_reward`),
+        scoring decoded text.
 
         TRL calls ``getattr(model, model.base_model_prefix)(input_ids=..., attention_mask=...)``
         on prompt + response token ids of the *policy's* tokenizer, then
         ``model.score(hidden_states[-1])`` and reads the value at the last
         response token. This module decodes each row, cuts the response at
         the next Human turn (the paper's post-processing), scores prompt +
-        response with the reward model (its own tokenizer), and returns that
-        score at every position; a response that did not end, or is empty,
-        gets ``penalty``.
+        response with ``reward`` (its ``score_responses(prompts, responses)``, on its own tokenizer), and
+        returns that score at every position; a response that did not end, or is empty, gets ``penalty``.
         """
 
         base_model_prefix = "backbone"
 
-        def __init__(self, reward_model, policy_tokenizer, prompt_ids: dict[tuple[int, ...], str], penalty: float):
+        def __init__(self, reward, policy_tokenizer, prompt_ids: dict[tuple[int, ...], str], penalty: float):
             super().__init__()
-            self.reward_model = reward_model
-            self.reward = reward_model.model  # registered, so .to(device) moves it
+            self.scorer = reward
+            self.reward = reward.model  # registered, so .to(device) moves it
             self.policy_tokenizer = policy_tokenizer
             self.prompts = prompt_ids
             self.lengths = sorted({len(k) for k in prompt_ids}, reverse=True)
             self.penalty = penalty
-            self.config = reward_model.model.config
+            self.config = reward.model.config
 
         def split(self, ids: list[int]) -> tuple[str, list[int]]:
             for n in self.lengths:
@@ -151,7 +160,7 @@ def _reward_adapter_class():
 
         def backbone(self, input_ids, attention_mask, **_):
             eos = self.policy_tokenizer.eos_token_id
-            texts, rows = [], []
+            prompts, responses, rows = [], [], []
             rewards = torch.full(input_ids.shape, float(self.penalty), device=input_ids.device)
             for row, (ids, mask) in enumerate(zip(input_ids.tolist(), attention_mask.tolist())):
                 kept = [t for t, m in zip(ids, mask) if m]
@@ -160,10 +169,11 @@ def _reward_adapter_class():
                 text = self.policy_tokenizer.decode(response_ids, skip_special_tokens=True)
                 response = extract_response(text, ended)
                 if response is not None:
-                    texts.append(prompt + as_completion(prompt, response))
+                    prompts.append(prompt)
+                    responses.append(response)
                     rows.append(row)
-            if texts:
-                scores = torch.tensor(self.reward_model.score(texts), device=input_ids.device)
+            if rows:
+                scores = torch.tensor(self.scorer.score_responses(prompts, responses), device=input_ids.device)
                 rewards[rows] = scores.unsqueeze(1).expand(-1, input_ids.shape[1])
             return _Hidden((rewards.unsqueeze(-1),))
 
@@ -195,20 +205,17 @@ def train(script: PPOScriptArguments, config, model_args, argv=None, preset=None
     from ..chat import FORMATS, policy_prompts
     from ..conversation import STOP_STRINGS
     from ..prompts import load_prompts
-    from ..reward_model import RewardModel
 
-    for name in ("reward_model", "policy", "prompts"):
-        if not getattr(script, name):
-            raise RlcdError(f"train ppo: --{name} is required")
+    if bool(script.reward_model) == bool(script.reward_llm):
+        raise RlcdError("train ppo: give --reward_model or --reward_llm (one of them)")
+    common.require("ppo", policy=script.policy, prompts=script.prompts)
     policy_path = common.resolve_base(script.policy)
-    reward_model = RewardModel.load(script.reward_model, max_length=script.reward_max_length)
+    reward_model = _reward(script)
     prompt_set = load_prompts(
         script.prompts, task_input="conversation", column=script.prompt_column, split=script.prompt_split,
         limit=script.limit,
     )
-    tokenizer = AutoTokenizer.from_pretrained(policy_path, padding_side="left")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = common.pad_with(AutoTokenizer.from_pretrained(policy_path, padding_side="left"))
     if script.prompt_format not in FORMATS:
         raise RlcdError(f"train ppo: unknown --prompt_format {script.prompt_format!r} (choose from: {', '.join(FORMATS)})")
     # The policy samples in its format; the reward model scores the text form (as its data has it).
@@ -229,7 +236,7 @@ def train(script: PPOScriptArguments, config, model_args, argv=None, preset=None
     # The response ends at the next Human turn as well as at EOS (the paper's rule).
     policy.generate = functools.partial(policy.generate, stop_strings=list(STOP_STRINGS), tokenizer=tokenizer)
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
-    value_path = _value_init(script.reward_model, reward_model, policy_path, policy)
+    value_path = _value_init(script.reward_model, reward_model, policy_path, policy) if script.reward_model else policy_path
     value = AutoModelForSequenceClassification.from_pretrained(value_path, num_labels=1, dtype=dtype)
     value.config.pad_token_id = tokenizer.pad_token_id
     prompt_ids = {tuple(ids): p.text for ids, p in zip(encoded, prompt_set.prompts)}
@@ -249,9 +256,7 @@ def train(script: PPOScriptArguments, config, model_args, argv=None, preset=None
     # attribute that save_model reads; False is its value for a model not sharded at load time.
     if not hasattr(trainer, "is_distributed_loading_by_transformers"):
         trainer.is_distributed_loading_by_transformers = False
-    start = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - start
+    _, seconds = common.run(trainer)
     trainer.save_model(config.output_dir)
     tokenizer.save_pretrained(config.output_dir)
     logs = [h for h in trainer.state.log_history if "objective/scores" in h]
@@ -263,24 +268,33 @@ def train(script: PPOScriptArguments, config, model_args, argv=None, preset=None
         "kl_coef": config.kl_coef,
         "seconds_per_update": round(seconds / max(updates, 1), 2),
         "value_initialised_from": "reward model" if value_path != policy_path else "policy",
+        "reward": f"reward model {script.reward_model}" if script.reward_model else
+                  f"LLM rater {script.reward_llm} ({script.rater_task}/rate.jinja, expected 1-10 score in [-1, 1])",
     }
     if logs:
         last = logs[-1]
         metrics.update(
             {k.replace("objective/", ""): round(last[k], 4) for k in ("objective/scores", "objective/kl") if k in last}
         )
-    settings = {"preset": preset, **common.changed_settings(script, config, model_args), "prompt_format": prompt_format}
-    common.write_model_card(
-        config.output_dir,
-        recipe="ppo",
-        base_model=script.policy,
-        dataset=script.prompts,
-        settings=settings,
-        metrics=metrics,
-        pipeline_tag="text-generation",
-        argv=argv,
-    )
-    return metrics
+    return common.finish(config.output_dir, recipe="ppo", base=script.policy, dataset=script.prompts, metrics=metrics,
+                         configs=(script, config, model_args), preset=preset, argv=argv, pipeline_tag="text-generation",
+                         settings={"prompt_format": prompt_format})
+
+
+def _reward(script: PPOScriptArguments):
+    """The reward PPO optimises: the reward model, or the LLM rater of direct RLAIF (``--reward_llm``)."""
+    from ..reward_model import RewardModel
+
+    if script.reward_model:
+        return RewardModel.load(script.reward_model, max_length=script.reward_max_length)
+    from ..rater import LLMRewards, open_rater
+    from ..tasks import load_task
+
+    task = load_task(script.rater_task)
+    if not task.has_rater:
+        raise RlcdError(f"train ppo: task {task.name!r} has no rate.jinja; pick another --rater_task")
+    rater, chat = open_rater(script.reward_llm, script.rater_quantization, prompt_format=script.rater_prompt_format)
+    return LLMRewards(rater, task, chat)
 
 
 def _pad_outside_prompts(tokenizer, encoded: list[list[int]]) -> None:

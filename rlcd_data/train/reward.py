@@ -15,7 +15,6 @@ token end each text with ``[SEP]``.
 from __future__ import annotations
 
 import functools
-import time
 from dataclasses import dataclass, field
 
 from ..errors import RlcdError
@@ -24,20 +23,7 @@ from . import common
 
 
 @dataclass
-class RewardScriptArguments:
-    dataset: str = field(
-        default=None,
-        metadata={"help": "Pair dataset: a folder `rlcd-data build` wrote, a .jsonl/.parquet/.csv file, or a Hub id."},
-    )
-    split: str = field(default="train", metadata={"help": "Split of the dataset to train on."})
-    model: str | None = field(
-        default=None,
-        metadata={
-            "help": "Base model (same as --model_name_or_path): a folder, a Hub id, `smollm2-135m-instruct` "
-            "or `minilm-l6` (the embedded encoders and decoders)."
-        },
-    )
-    limit: int | None = field(default=None, metadata={"help": "Train on the first N pairs only."})
+class RewardScriptArguments(common.ScriptArguments):
     soft_label_column: str = field(
         default=SOFT_LABEL_COLUMN,
         metadata={"help": "Column with the probability that `chosen` is better; if present, train with BCE on it."},
@@ -141,13 +127,7 @@ def train(script: RewardScriptArguments, training, model_args, argv=None, preset
     from ..models import silence_bitsandbytes
     from ..pairs import load_pairs
 
-    if not script.dataset:
-        raise RlcdError("train reward: --dataset is required")
-    base = script.model or model_args.model_name_or_path
-    if not base:
-        raise RlcdError("train reward: --model (base model) is required")
-    model_args.model_name_or_path = base
-    path = common.resolve_base(base)
+    base, path = common.base_model("reward", script, model_args)
     dataset = load_pairs(script.dataset, script.split, script.limit)
     soft = script.soft_label_column in dataset.column_names and not script.hard_labels
     keep = ["prompt", "chosen", "rejected"] + ([script.soft_label_column] if soft else [])
@@ -171,8 +151,7 @@ def train(script: RewardScriptArguments, training, model_args, argv=None, preset
         silence_bitsandbytes()
 
     trainer_cls, collator_cls = soft_label_classes()
-    pad = tokenizer.pad_token or tokenizer.eos_token or training.eos_token
-    tokenizer.pad_token = pad
+    common.pad_with(tokenizer, tokenizer.eos_token or training.eos_token)
     trainer = trainer_cls(
         model=path,
         args=training,
@@ -189,10 +168,7 @@ def train(script: RewardScriptArguments, training, model_args, argv=None, preset
             if parameter.requires_grad:
                 parameter.data = parameter.data.float()
     dropped = len(dataset) - len(trainer.train_dataset)
-    start = time.perf_counter()
-    result = trainer.train()
-    seconds = time.perf_counter() - start
-    steps = max(result.global_step, 1)
+    result, seconds = common.run(trainer)
     model = trainer.model
     if hasattr(model, "merge_and_unload") and quantization is None:
         # LoRA: save the merged model, so eval and PPO load a plain reward model
@@ -208,7 +184,7 @@ def train(script: RewardScriptArguments, training, model_args, argv=None, preset
         "pairs_over_max_length": dropped,
         "label_type": "soft (BCE on chosen_probability)" if soft else "hard (pairwise)",
         "steps": result.global_step,
-        "seconds_per_step": round(seconds / steps, 3),
+        "seconds_per_step": round(seconds / max(result.global_step, 1), 3),
         "train_loss": round(result.training_loss, 4),
     }
     if history and "accuracy" in history[-1]:
@@ -220,15 +196,6 @@ def train(script: RewardScriptArguments, training, model_args, argv=None, preset
         reward_model = RewardModel(model, tokenizer, max_length=training.max_length or 512)
         report = evaluate_reward_model(reward_model, script.eval_pairs, script.eval_split, script.eval_limit)
         metrics.update({f"eval_{k}": v for k, v in report.items()})
-    settings = {"preset": preset, **common.changed_settings(script, training, model_args)}
-    common.write_model_card(
-        training.output_dir,
-        recipe="reward",
-        base_model=base,
-        dataset=script.dataset,
-        settings=settings,
-        metrics=metrics,
-        pipeline_tag="text-classification",
-        argv=argv,
-    )
-    return metrics
+    return common.finish(training.output_dir, recipe="reward", base=base, dataset=script.dataset, metrics=metrics,
+                         configs=(script, training, model_args), preset=preset, argv=argv,
+                         pipeline_tag="text-classification")

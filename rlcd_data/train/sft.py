@@ -11,7 +11,6 @@ prompt-completion data).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 from ..errors import RlcdError
@@ -19,16 +18,11 @@ from . import common
 
 
 @dataclass
-class SFTScriptArguments:
+class SFTScriptArguments(common.ScriptArguments):
     dataset: str = field(
         default=None,
         metadata={"help": "prompt/completion dataset, or a pair dataset (its `chosen` = p+ outputs are used)."},
     )
-    split: str = field(default="train", metadata={"help": "Split of the dataset."})
-    model: str | None = field(
-        default=None, metadata={"help": "Model to fine-tune (same as --model_name_or_path); `smollm2-135m-instruct`."}
-    )
-    limit: int | None = field(default=None, metadata={"help": "Train on the first N examples only."})
 
 
 def make_parser():
@@ -78,12 +72,7 @@ def train(script: SFTScriptArguments, config, model_args, argv=None, preset=None
 
     from ..pairs import load_table
 
-    if not script.dataset:
-        raise RlcdError("train sft: --dataset is required")
-    base = script.model or model_args.model_name_or_path
-    if not base:
-        raise RlcdError("train sft: --model is required")
-    path = common.resolve_base(base)
+    base, path = common.base_model("sft", script, model_args)
     table = load_table(script.dataset, script.split)
     if script.limit is not None:
         table = table.select(range(min(script.limit, len(table))))
@@ -98,9 +87,7 @@ def train(script: SFTScriptArguments, config, model_args, argv=None, preset=None
         peft_config=get_peft_config(model_args),
         quantization_config=get_quantization_config(model_args),
     )
-    start = time.perf_counter()
-    result = trainer.train()
-    seconds = time.perf_counter() - start
+    result, seconds = common.run(trainer)
     trainer.save_model(config.output_dir)
     metrics = {
         "examples": len(dataset),
@@ -108,15 +95,6 @@ def train(script: SFTScriptArguments, config, model_args, argv=None, preset=None
         "seconds_per_step": round(seconds / max(result.global_step, 1), 3),
         "train_loss": round(result.training_loss, 4),
     }
-    common.write_model_card(
-        config.output_dir,
-        recipe="sft",
-        base_model=base,
-        dataset=script.dataset,
-        settings={"preset": preset, **common.changed_settings(script, config, model_args)},
-        metrics=metrics,
-        pipeline_tag="text-generation",
-        argv=argv,
-    )
-    return metrics
+    return common.finish(config.output_dir, recipe="sft", base=base, dataset=script.dataset, metrics=metrics,
+                         configs=(script, config, model_args), preset=preset, argv=argv, pipeline_tag="text-generation")
 

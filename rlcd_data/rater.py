@@ -1,0 +1,149 @@
+"""The direct-RLAIF rater (Lee et al. 2023, d-RLAIF): a language model's 1-10 rating of a response.
+
+A rating prompt (``rate.jinja`` of the task) shows the conversation, one
+response and the rating instruction, and ends with ``The rating is: (``. The
+rating is the expected score under the model's next-token distribution
+restricted to the score tokens, renormalised; the reward maps it linearly
+from [1, 10] to [-1, 1]. Tokenizers that write every score as one token are
+read in one step. Tokenizers that split numbers into digits (SmolLM2, Gemma,
+Llama 2) write 10 as ``1`` then ``0``: the digits 1-9 are read after the
+prompt, and the probability of ``0`` after ``1`` splits the mass of ``1``
+between the scores 1 and 10 (the same forward pass reads both positions).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+
+from .errors import RlcdError
+from .labeller import forward_last
+from .tasks import RATING_START
+
+SCORES = tuple(range(1, 11))
+
+
+def score_token_ids(tokenizer, prefix: str = RATING_START) -> tuple[list[int], int | None]:
+    """The token ids of the scores after ``prefix``: (ids of 1..10, None) when each score is one token,
+    or (ids of 1..9, id of ``0``) when 10 is written as ``1`` then ``0``.
+
+    Raises:
+        RlcdError: the scores do not encode either way (the rating would not be a next-token choice).
+    """
+    base = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+
+    def after(text: str) -> list[int] | None:
+        full = tokenizer(prefix + text, add_special_tokens=False)["input_ids"]
+        return full[len(base) :] if full[: len(base)] == base else None
+
+    encoded = {s: after(str(s)) for s in SCORES}
+    single = [e[0] if e is not None and len(e) == 1 else None for e in encoded.values()]
+    if None not in single and len(set(single)) == 10:
+        return single, None
+    digits, ten = single[:9], encoded[10]
+    if None not in digits and len(set(digits)) == 9 and ten is not None and len(ten) == 2 and ten[0] == digits[0]:
+        return digits, ten[1]
+    raise RlcdError(f"the tokenizer does not encode the scores 1 to 10 after {prefix!r} as single tokens (or 10 as "
+                    "1 then 0); the rater reads the score as the next token")
+
+
+def to_reward(score: float) -> float:
+    """An expected score in [1, 10] mapped linearly to [-1, 1]."""
+    return (score - 5.5) / 4.5
+
+
+class LLMRater:
+    """Expected 1-10 ratings from a causal LM's next-token logits over the score tokens.
+
+    Args:
+        model, tokenizer: a loaded causal LM (any size, 8-/4-bit included).
+        batch_size: prompts per forward pass.
+    """
+
+    def __init__(self, model, tokenizer, batch_size: int = 16):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.score_ids, self.zero_id = score_token_ids(tokenizer)
+
+    def expected_scores(self, prompts: Sequence[str]) -> list[float]:
+        """The expected score of each rating prompt (each ends where the score comes next)."""
+        import torch
+
+        encoded = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        if self.zero_id is None:
+            def read(logits):
+                probabilities = torch.softmax(logits[:, -1, self.score_ids].float(), dim=-1)
+                return (probabilities @ torch.tensor(SCORES, dtype=torch.float)).tolist()
+
+            return forward_last(self.model, self.tokenizer, encoded, self.batch_size, read)
+        one = self.score_ids[0]
+
+        def read_split(logits):  # position -2: the score's first digit; -1: what follows a "1"
+            digits = torch.softmax(logits[:, -2, self.score_ids].float(), dim=-1)
+            zero = torch.softmax(logits[:, -1].float(), dim=-1)[:, self.zero_id]
+            expected = digits @ torch.arange(1, 10, dtype=torch.float)
+            return (expected + 9 * digits[:, 0] * zero).tolist()  # P(10) = P(1) P(0 | 1): it scores 10, not 1
+
+        return forward_last(self.model, self.tokenizer, [ids + [one] for ids in encoded], self.batch_size, read_split)
+
+    def rewards(self, prompts: Sequence[str]) -> list[float]:
+        """Expected scores mapped to [-1, 1]."""
+        return [to_reward(s) for s in self.expected_scores(prompts)]
+
+
+class LLMRewards:
+    """An `LLMRater` as PPO's reward (``train ppo --reward_llm``): each response's rating prompt is the
+    task's rate.jinja; the reward is the expected score mapped to [-1, 1]."""
+
+    def __init__(self, rater: LLMRater, task, chat=None):
+        self.rater, self.task, self.chat = rater, task, chat
+        self.model = rater.model
+
+    def score_responses(self, prompts: list[str], responses: list[str]) -> list[float]:
+        return self.rater.rewards([self.task.render_rating(p, r, self.chat) for p, r in zip(prompts, responses)])
+
+
+def rate_pairs(rater: LLMRater, task, pairs, chat=None) -> dict:
+    """Rate the chosen and the rejected response of every pair (a `datasets.Dataset` of pairs).
+
+    Returns:
+        pairs, agreement (share of pairs whose chosen response is rated higher; a tie counts one half),
+        ties, mean expected score of each side, and seconds per pair.
+    """
+    from .pairs import pair_responses
+
+    prompts: list[str] = []
+    for row in pairs:
+        prompt, chosen, rejected = pair_responses(row)
+        prompts += [task.render_rating(prompt, chosen, chat), task.render_rating(prompt, rejected, chat)]
+    start = time.perf_counter()
+    scores = rater.expected_scores(prompts)
+    seconds = time.perf_counter() - start
+    chosen, rejected = scores[0::2], scores[1::2]
+    wins = sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen, rejected))
+    return {
+        "pairs": len(chosen),
+        "agreement": wins / len(chosen),
+        "ties": sum(c == r for c, r in zip(chosen, rejected)),
+        "mean_score_chosen": statistics.fmean(chosen),
+        "mean_score_rejected": statistics.fmean(rejected),
+        "seconds_per_pair": seconds / len(chosen),
+    }
+
+
+def open_rater(model: str, quantization: str = "none", dtype: str = "auto", batch_size: int = 16,
+               prompt_format: str = "text") -> tuple[LLMRater, object]:
+    """A rater on ``model`` (a folder, a Hub id or an embedded model; 8-/4-bit with ``quantization``) and
+    the chat renderer of its prompts (None in the text format; ``auto``: chat when the model has a template).
+
+    Raises:
+        RlcdError: the model cannot be loaded, or does not write the scores as next tokens.
+    """
+    from .chat import ChatRenderer, resolve_format
+    from .models import load_causal_lm, resolve_dtype
+
+    loaded, tokenizer, _ = load_causal_lm(model, quantization, resolve_dtype(dtype, quantization))
+    resolved = resolve_format(prompt_format, True, tokenizer, "rate", model)
+    return LLMRater(loaded, tokenizer, batch_size), ChatRenderer(tokenizer, model) if resolved == "chat" else None
