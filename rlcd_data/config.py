@@ -77,6 +77,11 @@ class BuildConfig:
         default=False,
         metadata={"help": "rlaif/rlcd-rescore: score each pair as (A, B) and (B, A) and average (cancels position bias)."},
     )
+    label_cot: bool = field(
+        default=False,
+        metadata={"help": "rlaif/rlcd-rescore: the labeller first writes a short rationale (greedy), then the A/B "
+                          "label is read after it (chain-of-thought labelling, Lee et al. 2023)."},
+    )
     model: str = field(
         default=DEFAULT_MODEL,
         metadata={
@@ -193,8 +198,10 @@ class BuildConfig:
             raise RlcdError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
         if self.test_size < 0 or (self.test_size >= 1 and self.test_size != int(self.test_size)):
             raise RlcdError(f"test_size must be a fraction in (0, 1) or a whole number of pairs, got {self.test_size}")
-        if self.label_both_orders and self.method not in SCORED_METHODS:
-            raise RlcdError(f"--label-both-orders applies to {' and '.join(SCORED_METHODS)}, not --method {self.method}")
+        for flag in ("label_both_orders", "label_cot"):
+            if getattr(self, flag) and self.method not in SCORED_METHODS:
+                raise RlcdError(f"--{flag.replace('_', '-')} applies to {' and '.join(SCORED_METHODS)}, "
+                                f"not --method {self.method}")
         if self.output is None:
             self.output = f"rlcd-{self.task}"
 

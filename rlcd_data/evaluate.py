@@ -53,6 +53,42 @@ def policy_comparison(policy_rewards: list[float], base_rewards: list[float]) ->
     }
 
 
+def judge_comparison(labeller, task, prompts: list[str], policy: list[str], base: list[str], chat=None) -> tuple[dict, list[float]]:
+    """An LLM judge's pairwise verdict on policy against base responses, position-debiased.
+
+    Each pair is judged with the task's compare.jinja (its first instruction) in both orders, policy
+    as A and base as A. A prompt is a win when both orders prefer the policy, a loss when both prefer
+    the base, a tie when the orders disagree (the judge's position bias decides); the win rate counts a
+    tie one half, with a 95% normal interval over prompts.
+
+    Returns:
+        (report, per prompt the probability the policy is better, the two orders averaged)
+    """
+    n = len(prompts)
+    shown = [task.render_comparison(p, 0, a, b, chat) for p, a, b in zip(prompts, policy, base)]
+    swapped = [task.render_comparison(p, 0, b, a, chat) for p, a, b in zip(prompts, policy, base)]
+    first_is_a = labeller.first_option_probability(shown + swapped)
+    outcomes, better = [], []
+    for a_policy, a_base in zip(first_is_a[:n], first_is_a[n:]):
+        better.append((a_policy + 1 - a_base) / 2)
+        if a_policy > 0.5 and a_base < 0.5:
+            outcomes.append(1.0)
+        elif a_policy < 0.5 and a_base > 0.5:
+            outcomes.append(0.0)
+        else:
+            outcomes.append(0.5)
+    rate = statistics.fmean(outcomes)
+    half = 1.96 * (statistics.stdev(outcomes) / math.sqrt(n) if n > 1 else 0.0)
+    report = {
+        "judge_win_rate": rate,
+        "judge_win_rate_ci95_low": max(0.0, rate - half),
+        "judge_win_rate_ci95_high": min(1.0, rate + half),
+        "judge_ties": outcomes.count(0.5) / n,
+        "judge_mean_policy_probability": statistics.fmean(better),
+    }
+    return report, better
+
+
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -63,9 +99,13 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> None:
 
 def evaluate_policy(
     policy: str,
-    reward_model: str,
+    reward_model: str | None,
     prompts: str,
     *,
+    judge: str | None = None,
+    judge_task: str = "harmless",
+    judge_quantization: str = "none",
+    judge_prompt_format: str = "text",
     base: str | None = None,
     prompt_column: str | None = None,
     split: str = "train",
@@ -79,7 +119,8 @@ def evaluate_policy(
     backend: str = "auto",
     prompt_format: str = "auto",
 ) -> dict:
-    """Sample one response per prompt from ``policy`` and from its base, and compare their rewards.
+    """Sample one response per prompt from ``policy`` and from its base, and compare their rewards
+    (``reward_model``), an LLM judge's verdicts (``judge``, see `judge_comparison`), or both.
 
     Responses are cut at the next Human turn as in the build. A response that
     does not end within ``max_new_tokens`` (or is empty) is scored as it is,
@@ -93,6 +134,8 @@ def evaluate_policy(
         prompt_format: "text", "chat" or "auto": the format `train ppo` recorded
             for the policy, else chat when its tokenizer has a chat template.
             Both sides are sampled in it; rewards score the text form.
+        judge, judge_task, judge_quantization, judge_prompt_format: the judge model, the task whose
+            compare.jinja it reads, its bitsandbytes loading, and how it sees the comparison.
 
     Returns:
         prompts, mean reward of each side, the policy's win rate by reward,
@@ -109,6 +152,8 @@ def evaluate_policy(
     from .prompts import load_prompts
     from .reward_model import RewardModel
 
+    if not reward_model and not judge:
+        raise RlcdError("eval policy: give --reward-model, --judge, or both")
     recorded = Path(policy) / "rlcd_recipe.json"
     record = json.loads(recorded.read_text()) if recorded.is_file() else {}
     if base is None:
@@ -121,34 +166,60 @@ def evaluate_policy(
     texts = [p.text for p in prompt_set.prompts]
     seeds = [request_seed(seed, "eval-policy", p.source_index) for p in prompt_set.prompts]
     settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature)
-    rewards_of = RewardModel.load(reward_model).score
+    rewards_of = RewardModel.load(reward_model).score if reward_model else None
     engine, _ = choose_backend(backend, "none")
     sides = {}
     for side, name in (("policy", policy), ("base", base)):
         completions, prompt_format = _sample(engine, name, texts, seeds, settings, batch_size, prompt_format)
         responses = [extract_response(c.text, c.ended) for c in completions]
-        rewards = rewards_of([t + as_completion(t, r or c.text.strip()) for t, r, c in zip(texts, responses, completions)])
-        if penalty_reward is not None:
+        shown = [r if r is not None else c.text.strip() for r, c in zip(responses, completions)]
+        rewards = rewards_of([t + as_completion(t, r) for t, r in zip(texts, shown)]) if rewards_of else [None] * len(texts)
+        if penalty_reward is not None and rewards_of:
             rewards = [penalty_reward if r is None else x for r, x in zip(responses, rewards)]
-        sides[side] = (completions, responses, rewards)
-    report = policy_comparison(sides["policy"][2], sides["base"][2])
-    for side, (completions, responses, _) in sides.items():
+        sides[side] = (completions, responses, rewards, shown)
+    report = policy_comparison(sides["policy"][2], sides["base"][2]) if rewards_of else {"prompts": len(texts)}
+    better = None
+    if judge:
+        judged, better = _judge(judge, judge_task, judge_quantization, judge_prompt_format, batch_size, texts,
+                                sides["policy"][3], sides["base"][3])
+        report.update(judged, judge=judge)
+    for side, (completions, responses, _, _) in sides.items():
         report[f"{side}_mean_tokens"] = statistics.fmean(c.num_tokens for c in completions)
         report[f"{side}_not_ended"] = sum(r is None for r in responses)
     if samples_path:
         rows = []
         for i, p in enumerate(prompt_set.prompts):
             row = {"source_index": p.source_index, "prompt": p.text}
-            for side, (completions, responses, rewards) in sides.items():
+            for side, (completions, responses, rewards, _) in sides.items():
                 row[side] = responses[i] if responses[i] is not None else completions[i].text
                 row[f"{side}_ended"] = responses[i] is not None
-                row[f"{side}_reward"] = rewards[i]
+                if rewards_of:
+                    row[f"{side}_reward"] = rewards[i]
+            if better is not None:
+                row["judge_policy_probability"] = better[i]
             rows.append(row)
         write_jsonl(samples_path, rows)
     report["base"] = base
     report["backend"] = engine
     report["prompt_format"] = prompt_format
     return report
+
+
+def _judge(judge: str, task_name: str, quantization: str, prompt_format: str, batch_size: int, prompts: list[str],
+           policy: list[str], base: list[str]) -> tuple[dict, list[float]]:
+    """`judge_comparison` with the judge model loaded (and released) here."""
+    from .chat import ChatRenderer, resolve_format
+    from .errors import RlcdError
+    from .labeller import TransformersLabeller
+    from .models import load_causal_lm, resolve_dtype
+    from .tasks import load_task
+
+    task = load_task(task_name)
+    if not task.has_scorer:
+        raise RlcdError(f"eval policy: task {task.name!r} has no compare.jinja for the judge; pick another --judge-task")
+    model, tokenizer, _ = load_causal_lm(judge, quantization, resolve_dtype("auto", quantization))
+    chat = ChatRenderer(tokenizer, judge) if resolve_format(prompt_format, True, tokenizer, "judge", judge) == "chat" else None
+    return judge_comparison(TransformersLabeller(model, tokenizer, batch_size), task, prompts, policy, base, chat)
 
 
 def _sample(engine: str, model: str, texts: list[str], seeds: list[int], settings, batch_size: int,

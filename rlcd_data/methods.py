@@ -17,7 +17,13 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from .tasks import ContrastPair, Task
+from .tasks import ANSWER_START, ContrastPair, Task
+
+# Chain-of-thought labelling (--label-cot, Lee et al. 2023): the comparison is asked with this opening in
+# place of the answer, the labeller continues it greedily for up to COT_TOKENS tokens, and the label is read
+# after that rationale and the usual "The answer is: (".
+COT_START = "Rationale:"
+COT_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -100,7 +106,7 @@ def base_row(pair: ContrastPair, method: Method, outputs: dict[str, str], count_
 
 
 def label_rows(
-    rows: list[dict], *, method: Method, task: Task, labeller, seed: int, both_orders: bool, chat=None
+    rows: list[dict], *, method: Method, task: Task, labeller, seed: int, both_orders: bool, chat=None, rationales=None
 ) -> list[dict]:
     """Label scored rows with the simulator's A/B preference, in one batched labeller call.
 
@@ -112,7 +118,8 @@ def label_rows(
     rlcd-rescore shows the two outputs in a per-example random order (seeded);
     with ``both_orders`` every pair is scored as (A, B) and (B, A) and the two
     probabilities averaged, cancelling the labeller's position bias. ``chat``
-    (a `ChatRenderer`) puts the comparison in the labeller's chat format.
+    (a `ChatRenderer`) puts the comparison in the labeller's chat format. ``rationales`` (prompts ->
+    continuations) makes it chain-of-thought labelling: the label is read after a rationale.
     """
     if not method.scored or not rows:
         return rows
@@ -130,6 +137,8 @@ def label_rows(
         for first_is_a in orders:
             a, b = (row["chosen"], row["rejected"]) if first_is_a else (row["rejected"], row["chosen"])
             prompts.append(task.render_comparison(row["prompt"], key, a, b, chat))
+    if rationales is not None:
+        prompts = with_rationales(prompts, rationales)
     p_a = iter(labeller.first_option_probability(prompts))
     labelled = []
     for row, orders in zip(rows, layout):
@@ -145,3 +154,11 @@ def label_rows(
         row["chosen_probability"] = max(first, 1 - first)
         labelled.append(row)
     return labelled
+
+
+def with_rationales(prompts: list[str], rationales) -> list[str]:
+    """Comparison prompts (ending in ``The answer is: (``) with a rationale before the answer: each is asked
+    with ``Rationale:`` instead, ``rationales`` continues them, and the answer follows the rationale."""
+    asked = [p[: len(p) - len(ANSWER_START)] + COT_START for p in prompts]
+    written = [r.split(ANSWER_START.split(":")[0])[0].strip() for r in rationales(asked)]
+    return [f"{a} {r}\n{ANSWER_START}" for a, r in zip(asked, written)]

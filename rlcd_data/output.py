@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import CONFIG_FILENAME, BuildConfig
-from .methods import METHODS
+from .methods import COT_TOKENS, METHODS
 from .pairs import quiet_datasets
 from .plots import IMAGES, write_report_plots
 from .conversation import as_completion, to_messages
@@ -224,6 +224,7 @@ def render_card(
         method=METHODS[config.method],
         labels=label_summary(rows),
         quality=quality_section,
+        cot_tokens=COT_TOKENS,
     )
     return DatasetCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
 

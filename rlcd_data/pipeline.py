@@ -199,7 +199,8 @@ def build(
     def label() -> None:
         """Label the decoded pairs waiting for it, between generate calls, and save the labelled rows."""
         labelled = label_rows(unlabelled, method=method, task=task, labeller=labeller, seed=config.seed,
-                              both_orders=config.label_both_orders, chat=plan.chat)
+                              both_orders=config.label_both_orders, chat=plan.chat,
+                              rationales=_rationale_writer(generator, config) if config.label_cot else None)
         writer.write(labelled)
         rows.extend(labelled)
         unlabelled.clear()
@@ -248,6 +249,20 @@ def build(
         )
     splits = output.write_dataset_folder(out, rows, config=config, task=task, stats=stats, model=generator.description)
     return BuildResult(out, config, stats, splits, generator.description)
+
+
+def _rationale_writer(generator: Generator, config: BuildConfig):
+    """--label-cot: the simulator continues comparison prompts greedily (top-k 1), up to COT_TOKENS tokens."""
+    from .generate import SamplingSettings, request_seed
+    from .methods import COT_TOKENS
+
+    settings = SamplingSettings(max_new_tokens=COT_TOKENS, top_k=1, banned_characters=config.banned_characters)
+
+    def write(prompts: list[str]) -> list[str]:
+        seeds = [request_seed(config.seed, "rationale", i) for i in range(len(prompts))]  # greedy: no effect
+        return [c.text for c in generator.generate(prompts, seeds, settings)]
+
+    return write
 
 
 def _start_staging(staging: Path, state: dict) -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from rlcd_data import BuildConfig, build
 from rlcd_data.cli import main
+from rlcd_data.errors import RlcdError
 
 
 def prompts_file(tmp_path, n=4):
@@ -153,6 +154,43 @@ def test_rlaif_orders_by_the_labeller_and_keeps_its_probability(tmp_path, fake_g
     assert labeller.prompts[0].endswith("The answer is: (") and "Question number" in labeller.prompts[0]
     card = (tmp_path / "out" / "README.md").read_text()
     assert "`rlaif`" in card and "scorer version 1" in card and "averaged: no" in card
+
+
+def test_label_cot_reads_the_label_after_a_greedy_rationale(tmp_path, fake_generator):
+    import datasets
+    import yaml
+
+    asked = []
+
+    def respond(prompt, n):
+        if prompt.endswith("Rationale:"):  # the labeller's chain of thought
+            asked.append(prompt)
+            return " The first one is polite. The answer is: (A", True
+        return ("good answer" if n % 2 else "bad answer"), True
+
+    generator = fake_generator(respond)
+    seen_settings = []
+    original = generator.generate
+
+    def generate(prompts, seeds, settings, on_progress=None):
+        seen_settings.append(settings)
+        return original(prompts, seeds, settings, on_progress)
+
+    generator.generate = generate
+    config = BuildConfig(task="harmless", prompts=str(prompts_file(tmp_path)), output=str(tmp_path / "out"),
+                         method="rlaif", label_cot=True)
+    labeller = OptionLabeller()
+    build(config, generator=generator, labeller=labeller, progress=False)
+    assert len(asked) == 4 and all("Question number" in p and "The answer is: (" not in p for p in asked)
+    assert all(p.endswith("Rationale: The first one is polite.\nThe answer is: (") for p in labeller.prompts)
+    greedy = [s for s in seen_settings if s.top_k == 1]
+    assert len(greedy) == 1 and greedy[0].max_new_tokens == 64
+    rows = datasets.load_dataset(str(tmp_path / "out"), split="train").to_list()
+    assert len(rows) == 4 and all(r["chosen_probability"] == pytest.approx(0.9) for r in rows)
+    assert yaml.safe_load((tmp_path / "out" / "rlcd_build.yaml").read_text())["label_cot"] is True
+    assert "before the label): yes" in (tmp_path / "out" / "README.md").read_text()
+    with pytest.raises(RlcdError, match="--label-cot applies to rlaif and rlcd-rescore"):
+        BuildConfig(task="harmless", label_cot=True)
 
 
 def test_label_both_orders_cancels_position_bias(tmp_path, fake_generator):

@@ -311,6 +311,49 @@ def test_llm_reward_is_the_raters_expected_score_of_the_cut_response(tiny_model_
     assert out[0, -1, 0].item() == pytest.approx(expected, rel=1e-5) and -1 <= expected <= 1
 
 
+class PositionBiasedJudge:
+    """Prefers whatever is shown as A by ``bias``, plus ``lean`` towards responses containing "POLICY"."""
+
+    def __init__(self, bias: float, lean: float):
+        self.bias, self.lean = bias, lean
+
+    def first_option_probability(self, prompts):
+        return [0.5 + self.bias + (self.lean if "(A) POLICY" in p else -self.lean) for p in prompts]
+
+
+@pytest.mark.parametrize("lean, wins, ties", [(0.0, 0.5, 1.0), (0.1, 0.5, 1.0), (0.35, 1.0, 0.0), (-0.35, 0.0, 0.0)])
+def test_judging_both_orders_cancels_position_bias(lean, wins, ties):
+    from rlcd_data.evaluate import judge_comparison
+    from rlcd_data.tasks import load_task
+
+    prompts = ["\n\nHuman: hi?\n\nAssistant:"] * 3
+    report, better = judge_comparison(PositionBiasedJudge(0.3, lean), load_task("harmless"), prompts,
+                                      ["POLICY answer"] * 3, ["BASE answer"] * 3)
+    # a judge that always says A (bias 0.3) with a weaker lean only ties; a lean beyond the bias decides
+    assert report["judge_win_rate"] == pytest.approx(wins) and report["judge_ties"] == pytest.approx(ties)
+    assert better == pytest.approx([0.5 + lean] * 3)
+    assert report["judge_win_rate_ci95_low"] <= report["judge_win_rate"] <= report["judge_win_rate_ci95_high"]
+
+
+def test_eval_policy_with_an_llm_judge_end_to_end(tiny_model_dir, tmp_path, capsys):
+    """Policy = base with the same seeds: identical responses, which a judge can only tie once both orders count."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Tell me about number {i}."}) + "\n" for i in range(4)))
+    samples = tmp_path / "samples.jsonl"
+    assert main(["eval", "policy", "--policy", str(tiny_model_dir), "--base", str(tiny_model_dir), "--judge",
+                 str(tiny_model_dir), "--prompts", str(prompts), "--limit", "4", "--max-new-tokens", "8",
+                 "--samples", str(samples), "--json", "--backend", "transformers"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert report["prompts"] == 4 and report["judge"] == str(tiny_model_dir) and "policy_mean_reward" not in report
+    assert all(r["policy"] == r["base"] for r in rows)
+    assert report["judge_win_rate"] == 0.5 and report["judge_ties"] == 1.0
+    assert all(r["judge_policy_probability"] == pytest.approx(0.5) for r in rows)
+    assert main(["eval", "policy", "--policy", str(tiny_model_dir), "--base", str(tiny_model_dir),
+                 "--prompts", str(prompts)]) == 2
+    assert "give --reward-model, --judge, or both" in capsys.readouterr().err
+
+
 def test_sft_on_pairs_uses_chosen(tiny_model_dir, tmp_path):
     out = tmp_path / "sft"
     args = ["train", "sft", "--dataset", str(toy_pairs(tmp_path / "p.jsonl", n=8)), "--model", str(tiny_model_dir),

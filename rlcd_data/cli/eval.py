@@ -23,7 +23,14 @@ def add_parser(sub) -> None:
 
     po = kinds.add_parser("policy", help="Rewards of a policy's responses against its base model's.")
     po.add_argument("--policy", required=True, metavar="DIR", help="Policy folder (`rlcd-data train ppo`).")
-    po.add_argument("--reward-model", required=True, metavar="DIR", help="Reward model folder.")
+    po.add_argument("--reward-model", metavar="DIR", help="Reward model folder (with --judge, or alone).")
+    po.add_argument("--judge", metavar="MODEL",
+                    help="An LLM judge (causal LM folder, Hub id or embedded model) comparing the two responses with "
+                         "the task's compare.jinja, in both orders (position-debiased).")
+    po.add_argument("--judge-task", default="harmless", help="Task whose compare.jinja the judge reads.")
+    po.add_argument("--judge-quantization", default="none", choices=("none", "8bit", "4bit"))
+    po.add_argument("--judge-prompt-format", default="text", choices=FORMATS,
+                    help="How the judge sees the comparison (auto: chat when it has a chat template).")
     po.add_argument("--prompts", required=True, metavar="SOURCE", help="Held-out prompts (any `build` source).")
     po.add_argument("--base", help="Base model (default: the one recorded with the policy).")
     po.add_argument("--prompt-column", help="Column with the prompts.")
@@ -62,14 +69,20 @@ def run(args) -> int:
         args.policy, args.reward_model, args.prompts, base=args.base, prompt_column=args.prompt_column,
         split=args.split, limit=args.limit, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         batch_size=args.batch_size, seed=args.seed, samples_path=args.samples, backend=args.backend,
-        prompt_format=args.prompt_format,
+        prompt_format=args.prompt_format, judge=args.judge, judge_task=args.judge_task,
+        judge_quantization=args.judge_quantization, judge_prompt_format=args.judge_prompt_format,
     )
-    return _report(
-        args, args.policy, f"eval_policy_{_name(args.prompts)}", report,
-        f"{report['prompts']} prompts: mean reward policy {report['policy_mean_reward']:.3f} vs base "
-        f"{report['base_mean_reward']:.3f}; policy wins {report['policy_win_rate']:.1%}; mean length "
-        f"{report['policy_mean_tokens']:.0f} vs {report['base_mean_tokens']:.0f} tokens ({report['prompt_format']} format); samples in {args.samples}",
-    )
+    parts = [f"{report['prompts']} prompts"]
+    if args.reward_model:
+        parts.append(f"mean reward policy {report['policy_mean_reward']:.3f} vs base {report['base_mean_reward']:.3f}; "
+                     f"policy wins {report['policy_win_rate']:.1%} by reward")
+    if args.judge:
+        parts.append(f"judge {args.judge}: policy wins {report['judge_win_rate']:.1%} "
+                     f"[{report['judge_win_rate_ci95_low']:.1%}, {report['judge_win_rate_ci95_high']:.1%}], "
+                     f"ties {report['judge_ties']:.1%}")
+    parts.append(f"mean length {report['policy_mean_tokens']:.0f} vs {report['base_mean_tokens']:.0f} tokens "
+                 f"({report['prompt_format']} format); samples in {args.samples}")
+    return _report(args, args.policy, f"eval_policy_{_name(args.prompts)}", report, "; ".join(parts))
 
 
 def _report(args, model_dir: str, prefix: str, report: dict, summary: str) -> int:
