@@ -34,6 +34,29 @@ def hh_dir() -> Path:
     return HH_DIR
 
 
+class StandInLM:
+    """A causal LM stand-in for the labeller and the rater: a subclass sets ``logits(input_ids, attention_mask)``."""
+
+    def __init__(self, vocab_size: int):
+        import torch
+
+        self.vocab_size = vocab_size
+        self._param = torch.nn.Parameter(torch.zeros(1))
+        self.calls = 0
+
+    def parameters(self):
+        return iter([self._param])
+
+    def __call__(self, input_ids, attention_mask, position_ids=None, logits_to_keep=0):
+        import types
+
+        self.calls += 1
+        return types.SimpleNamespace(logits=self.logits(input_ids, attention_mask))
+
+    def logits(self, input_ids, attention_mask):
+        raise NotImplementedError
+
+
 class FakeGenerator:
     """A generator that answers from a function of (prompt, call number for that prompt).
 

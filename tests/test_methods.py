@@ -11,6 +11,8 @@ from rlcd_data import BuildConfig, build
 from rlcd_data.cli import main
 from rlcd_data.errors import RlcdError
 
+from conftest import StandInLM
+
 
 def prompts_file(tmp_path, n=4):
     path = tmp_path / "prompts.jsonl"
@@ -18,36 +20,23 @@ def prompts_file(tmp_path, n=4):
     return path
 
 
-class ControlledLM:
+class ControlledLM(StandInLM):
     """A causal LM stand-in whose next-token logits we set: at the last position, logit(A) = number of
     ``marker`` tokens in the (unpadded) input and logit(B) = 0; every earlier position strongly prefers B,
     so reading the wrong position (bad padding) would show."""
 
     def __init__(self, vocab_size, a_id, b_id, marker_id):
+        super().__init__(vocab_size)
+        self.a, self.b, self.marker = a_id, b_id, marker_id
+
+    def logits(self, input_ids, attention_mask):
         import torch
 
-        self.vocab_size, self.a, self.b, self.marker = vocab_size, a_id, b_id, marker_id
-        self._param = torch.nn.Parameter(torch.zeros(1))
-        self.calls = 0
-
-    def parameters(self):
-        return iter([self._param])
-
-    def __call__(self, input_ids, attention_mask, position_ids=None, logits_to_keep=0):
-        import torch
-
-        self.calls += 1
         count = ((input_ids == self.marker) & attention_mask.bool()).sum(-1).float()
         logits = torch.zeros(*input_ids.shape, self.vocab_size)
         logits[:, :-1, self.b] = 100.0
         logits[:, -1, self.a] = count
-
-        class Out:
-            pass
-
-        out = Out()
-        out.logits = logits
-        return out
+        return logits
 
 
 @pytest.fixture(scope="module")

@@ -13,22 +13,19 @@ from rlcd_data.errors import RlcdError
 from rlcd_data.rater import LLMRater, rate_pairs, score_token_ids, to_reward
 from rlcd_data.tasks import RATING_START, list_tasks, load_task
 
+from conftest import StandInLM
 
-class SetLogits:
+
+class SetLogits(StandInLM):
     """A causal LM stand-in whose logits at the last two positions are set: ``first`` (token id -> logit) where
     the score's first token comes, ``second`` where the token after it comes; every other logit is -1e4."""
 
     def __init__(self, vocab_size, first: dict, second: dict):
-        import torch
-
-        self.vocab_size, self.first, self.second = vocab_size, first, second
-        self._param = torch.nn.Parameter(torch.zeros(1))
+        super().__init__(vocab_size)
+        self.first, self.second = first, second
         self.seen = []
 
-    def parameters(self):
-        return iter([self._param])
-
-    def __call__(self, input_ids, attention_mask, position_ids=None, logits_to_keep=0):
+    def logits(self, input_ids, attention_mask):
         import torch
 
         self.seen += input_ids.tolist()
@@ -36,13 +33,7 @@ class SetLogits:
         for position, values in ((-2, self.first), (-1, self.second)):
             for token, value in values.items():
                 logits[:, position, token] = value
-
-        class Out:
-            pass
-
-        out = Out()
-        out.logits = logits
-        return out
+        return logits
 
 
 @pytest.fixture(scope="module")
@@ -108,12 +99,12 @@ def test_rate_pairs_compares_the_two_sides(number_tokenizer):
     ids, _ = score_token_ids(number_tokenizer)
 
     class ByContent(SetLogits):
-        def __call__(self, input_ids, attention_mask, position_ids=None, logits_to_keep=0):
-            out = super().__call__(input_ids, attention_mask)
+        def logits(self, input_ids, attention_mask):
+            logits = super().logits(input_ids, attention_mask)
             ok = number_tokenizer.convert_tokens_to_ids("ok")
             for row in range(input_ids.shape[0]):
-                out.logits[row, -1, ids[8 if ok in input_ids[row].tolist() else 1]] = 50.0
-            return out
+                logits[row, -1, ids[8 if ok in input_ids[row].tolist() else 1]] = 50.0
+            return logits
 
     class Task:  # renders "<response> The rating is: ("
         def render_rating(self, prompt, response, chat=None):
