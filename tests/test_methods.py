@@ -304,7 +304,7 @@ def test_compare_template_checks(tmp_path):
 
     from rlcd_data.errors import RlcdError
     from rlcd_data.resources import resource_dir
-    from rlcd_data.tasks import load_task_folder
+    from rlcd_data.task_files import load_task_folder
 
     folder = tmp_path / "t"
     shutil.copytree(resource_dir("templates") / "helpful", folder)

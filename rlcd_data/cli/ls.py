@@ -9,7 +9,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..tasks import list_tasks, load_task_folder
+    from ..task_files import load_task_folder
+    from ..tasks import list_tasks
 
     for name, folder in list_tasks(args.templates).items():
         task = load_task_folder(folder)
