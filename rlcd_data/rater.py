@@ -105,13 +105,18 @@ class LLMRewards:
         return self.rater.rewards([self.task.render_rating(p, r, self.chat) for p, r in zip(prompts, responses)])
 
 
-def rate_pairs(rater: LLMRater, task, pairs, chat=None) -> dict:
+def rate_pairs(rater: LLMRater, task, pairs, chat=None, progress: bool = False) -> dict:
     """Rate the chosen and the rejected response of every pair (a `datasets.Dataset` of pairs).
+
+    Args:
+        progress: show a progress bar (pairs rated, rate, ETA) on stderr.
 
     Returns:
         pairs, agreement (share of pairs whose chosen response is rated higher; a tie counts one half),
         ties, mean expected score of each side, and seconds per pair.
     """
+    from tqdm.auto import tqdm
+
     from .pairs import pair_responses
 
     prompts: list[str] = []
@@ -119,7 +124,12 @@ def rate_pairs(rater: LLMRater, task, pairs, chat=None) -> dict:
         prompt, chosen, rejected = pair_responses(row)
         prompts += [task.render_rating(prompt, chosen, chat), task.render_rating(prompt, rejected, chat)]
     start = time.perf_counter()
-    scores = rater.expected_scores(prompts)
+    scores: list[float] = []
+    step = 4 * rater.batch_size  # pairs per update of the bar
+    with tqdm(total=len(prompts) // 2, unit="pair", desc="rating", disable=not progress) as bar:
+        for first in range(0, len(prompts), 2 * step):
+            scores += rater.expected_scores(prompts[first : first + 2 * step])
+            bar.update(len(prompts[first : first + 2 * step]) // 2)
     seconds = time.perf_counter() - start
     chosen, rejected = scores[0::2], scores[1::2]
     wins = sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen, rejected))

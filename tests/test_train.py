@@ -375,7 +375,7 @@ def test_sft_on_pairs_uses_chosen(tiny_model_dir, tmp_path):
         (["train", "reward", "--model", "x"], "--dataset is required"),
         (["train", "reward", "--dataset", "missing.jsonl", "--model", "x"], "no such file"),
         (["train", "reward", "--preset", "nope", "--dataset", "d"], "unknown preset 'nope'"),
-        (["train", "ppo", "--policy", "p", "--prompts", "q"], "--reward_model is required"),
+        (["train", "ppo", "--policy", "p", "--prompts", "q"], "give --reward_model or --reward_llm"),
         (["train", "reward", "--dataset", "d", "--learnin_rate", "1"], "not used by the HfArgumentParser: ['--learnin_rate'"),
         (["train", "sft", "--dataset", "d", "--config", "nope.yaml"], "nope.yaml: no such config file"),
         (["eval", "reward-model", "--reward-model", "nowhere/at/all", "--pairs", "p.jsonl"], "no such model folder"),
@@ -459,3 +459,27 @@ def test_ppo_pads_with_a_token_no_chat_prompt_contains(tiny_model_dir):
     assert tokenizer.eos_token_id in encoded[0]
     _pad_outside_prompts(tokenizer, encoded)
     assert tokenizer.pad_token_id not in encoded[0] and tokenizer.pad_token_id != tokenizer.eos_token_id
+
+
+def test_policy_generation_stops_at_the_next_human_turn_without_a_warning(tiny_model_dir, caplog):
+    """PPO rollouts end at a stop string; TRL's generation arguments join a copy of the config (no warning)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from rlcd_data.train.ppo import _generate_with_stops
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    prompt = tokenizer("\n\nHuman: hi\n\nAssistant:", return_tensors="pt")
+    # Greedy decoding of the random model, then a stop string taken from the middle of its own output.
+    config = GenerationConfig(max_new_tokens=12, do_sample=False, suppress_tokens=[tokenizer.eos_token_id],
+                              pad_token_id=tokenizer.eos_token_id)
+    plain = model.generate(**prompt, generation_config=config)
+    text = tokenizer.decode(plain[0, prompt["input_ids"].shape[1]:])
+    stop = text[len(text) // 2:][:3]
+    generate = _generate_with_stops(model.generate, tokenizer, [stop])
+    with caplog.at_level("WARNING"):
+        stopped = generate(**prompt, generation_config=config, max_new_tokens=12, temperature=1.0)
+    response = tokenizer.decode(stopped[0, prompt["input_ids"].shape[1]:])
+    assert stop in response and len(response) < len(text)
+    assert "deprecated" not in caplog.text
+    assert config.stop_strings is None  # the caller's config is left as it was

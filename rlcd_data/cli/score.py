@@ -43,7 +43,8 @@ def run(args) -> int:
         raise RlcdError(f"task {task.name!r} has no rate.jinja: it cannot rate responses")
     pairs = load_pairs(args.pairs, args.split, args.limit)
     rater, chat = open_rater(args.llm, args.quantization, batch_size=args.batch_size, prompt_format=args.prompt_format)
-    report = {**rate_pairs(rater, task, pairs, chat), "llm": args.llm, "prompt_format": "chat" if chat else "text"}
+    report = {**rate_pairs(rater, task, pairs, chat, progress=True),
+              "llm": args.llm, "prompt_format": "chat" if chat else "text"}
     print(json.dumps(report) if args.json else
           f"{args.llm} rated {report['pairs']} pairs of {args.pairs}: agreement {report['agreement']:.1%} (chosen "
           f"rated higher), mean score chosen {report['mean_score_chosen']:.2f} vs rejected "

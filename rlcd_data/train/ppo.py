@@ -234,7 +234,7 @@ def train(script: PPOScriptArguments, config, model_args, argv=None, preset=None
     dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else torch.float32
     policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype)
     # The response ends at the next Human turn as well as at EOS (the paper's rule).
-    policy.generate = functools.partial(policy.generate, stop_strings=list(STOP_STRINGS), tokenizer=tokenizer)
+    policy.generate = _generate_with_stops(policy.generate, tokenizer, list(STOP_STRINGS))
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
     value_path = _value_init(script.reward_model, reward_model, policy_path, policy) if script.reward_model else policy_path
     value = AutoModelForSequenceClassification.from_pretrained(value_path, num_labels=1, dtype=dtype)
@@ -279,6 +279,24 @@ def train(script: PPOScriptArguments, config, model_args, argv=None, preset=None
     return common.finish(config.output_dir, recipe="ppo", base=script.policy, dataset=script.prompts, metrics=metrics,
                          configs=(script, config, model_args), preset=preset, argv=argv, pipeline_tag="text-generation",
                          settings={"prompt_format": prompt_format})
+
+
+def _generate_with_stops(generate, tokenizer, stop_strings: list[str]):
+    """``generate`` that also stops at ``stop_strings``. TRL passes a generation config plus a few
+    generation arguments; they all go into one copy of the config, as transformers asks (no warning)."""
+    import copy
+
+    def wrapped(*args, generation_config=None, **kwargs):
+        config = copy.deepcopy(generation_config)
+        if config is not None:
+            for key in [k for k in kwargs if hasattr(config, k)]:
+                setattr(config, key, kwargs.pop(key))
+            config.stop_strings = stop_strings
+        else:
+            kwargs["stop_strings"] = stop_strings
+        return generate(*args, generation_config=config, tokenizer=tokenizer, **kwargs)
+
+    return wrapped
 
 
 def _reward(script: PPOScriptArguments):
