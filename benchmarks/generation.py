@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/generation.py [--prompts 64] [--max-new-tokens 300]
                     [--dtype float32 bfloat16] [--runs 1] [--only a b c] [--default-kernels] [--vllm-compile]
 
-Each generator runs in its own process on the same prompts, model and settings:
+Each generator runs in its own process on the same prompts, model and settings (the paper's text format,
+temperature 1, as the released loop samples):
 
 (a) released-loop baseline: p+ and p- as separate queue entries in input order, fixed batches of 16,
     left padding, every batch decoded until all its rows end or reach max_new_tokens (no stop string),
@@ -46,11 +47,17 @@ def load(args):
 
 
 def contrast_pairs(args):
-    from rlcd_data.config import BuildConfig
     from rlcd_data.pipeline import prepare
 
-    _, _, pairs = prepare(BuildConfig(task="harmless", prompts=str(args.hh), limit=args.prompts, output="-"))
-    return pairs
+    return prepare(config(args, output="-")).pairs
+
+
+def config(args, **fields):
+    """The build every arm runs: the paper's text format at temperature 1 (the released loop's setting)."""
+    from rlcd_data.config import BuildConfig
+
+    return BuildConfig(task="harmless", prompts=str(args.hh), limit=args.prompts, max_new_tokens=args.max_new_tokens,
+                       batch_size=args.batch_size, prompt_format="text", temperature=1.0, **fields)
 
 
 def run_baseline(args) -> dict:
@@ -98,7 +105,6 @@ def run_baseline(args) -> dict:
 
 def run_build(args) -> dict:
     """(b) rlcd-data build's generator, through the build pipeline."""
-    from rlcd_data.config import BuildConfig
     from rlcd_data.generate import TransformersGenerator
     from rlcd_data.pipeline import build
 
@@ -108,12 +114,10 @@ def run_build(args) -> dict:
 
         from rlcd_data.generate import transformers_engine as generate
 
-        generate._packed_linears = lambda model, batch_size: contextlib.nullcontext()
+        generate.packed_linears = lambda model, batch_size: contextlib.nullcontext()
     out = Path(tempfile.mkdtemp()) / "out"
-    config = BuildConfig(task="harmless", prompts=str(args.hh), limit=args.prompts, output=str(out),
-                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     start = time.perf_counter()
-    result = build(config, generator=TransformersGenerator(model, tok, args.batch_size, source.description), progress=False)
+    result = build(config(args, output=str(out)), generator=TransformersGenerator(model, tok, args.batch_size, source.description), progress=False)
     seconds = time.perf_counter() - start
     import datasets
 
@@ -130,7 +134,6 @@ def run_vllm(args) -> dict:
 
     import psutil
 
-    from rlcd_data.config import BuildConfig
     from rlcd_data.generate.vllm_engine import VLLMEngine, VLLMGenerator
     from rlcd_data.models import resolve_model
     from rlcd_data.pipeline import build
@@ -155,10 +158,8 @@ def run_vllm(args) -> dict:
                         enforce_eager=not args.vllm_compile)
     startup = time.perf_counter() - start
     out = Path(tempfile.mkdtemp()) / "out"
-    config = BuildConfig(task="harmless", prompts=str(args.hh), limit=args.prompts, output=str(out),
-                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, backend="vllm")
     start = time.perf_counter()
-    result = build(config, generator=VLLMGenerator(engine, source.description), progress=False)
+    result = build(config(args, output=str(out), backend="vllm"), generator=VLLMGenerator(engine, source.description), progress=False)
     seconds = time.perf_counter() - start
     running[0] = False
     import datasets
@@ -174,7 +175,7 @@ def ceiling(args) -> dict:
     faster of the default kernel (F.linear) and the oneDNN packed linear that (b) uses where it can."""
     import torch
 
-    from rlcd_data.generate.transformers_engine import _packed_forward
+    from rlcd_data.generate.onednn import packed_forward
 
     model, _, _ = load(args)
     params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
@@ -184,7 +185,7 @@ def ceiling(args) -> dict:
     a = torch.randn(args.batch_size, model.config.hidden_size, dtype=dtype)
     w = torch.randn(model.config.intermediate_size, model.config.hidden_size, dtype=dtype)
     kernels = {"F.linear": lambda x: torch.nn.functional.linear(x, w)}
-    if (packed := _packed_forward(w, None, args.batch_size)) is not None:
+    if (packed := packed_forward(w, None, args.batch_size)) is not None:
         kernels["oneDNN packed"] = packed
     rates = {}
     for name, f in kernels.items():
@@ -212,7 +213,7 @@ def spawn(args, which: str, env: dict | None = None) -> dict:
         f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
         if k not in ("child", "runs", "only") and v is not None and not isinstance(v, bool)
     ] + (["--default-kernels"] if args.default_kernels else []) + (["--vllm-compile"] if args.vllm_compile else [])
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, **(env or {})}).stdout
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True, env={**os.environ, **(env or {})}).stdout
     return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
 
 

@@ -34,9 +34,9 @@ def rescore(folder: Path, limit: int | None, both_orders: bool, batch_size: int)
     import yaml
 
     from rlcd_data.config import BuildConfig
+    from rlcd_data.labeller import TransformersLabeller
     from rlcd_data.methods import METHODS, label_rows
     from rlcd_data.models import load_causal_lm
-    from rlcd_data.labeller import TransformersLabeller
     from rlcd_data.tasks import load_task
 
     config = BuildConfig(**yaml.safe_load((folder / "rlcd_build.yaml").read_text()))

@@ -11,9 +11,9 @@ import yaml
 
 from .chat import FORMATS as PROMPT_FORMATS
 from .errors import RlcdError
-from .yaml_file import read_mapping
 from .generate import PAPER_BANNED_CHARACTERS, SamplingSettings
 from .methods import METHODS
+from .yaml_file import read_mapping
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 CONFIG_FILENAME = "rlcd_build.yaml"

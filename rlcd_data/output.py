@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import CONFIG_FILENAME, BuildConfig
+from .conversation import as_completion, to_messages
 from .methods import COT_TOKENS, METHODS
 from .pairs import quiet_datasets
 from .plots import IMAGES, write_report_plots
-from .conversation import as_completion, to_messages
-from .tasks import JINJA, Task
 from .resources import resource_dir
+from .tasks import JINJA, Task
 
 if TYPE_CHECKING:
     from .pipeline import BuildStats

@@ -38,7 +38,6 @@ from .staging import (
 from .tasks import ContrastPair, Task, load_task
 
 
-
 @dataclass
 class BuildStats:
     prompts_read: int = 0

@@ -183,18 +183,18 @@ def assert_decoding_matches_plain_forward(model, tokenizer, prompts, monkeypatch
     generator's own attention) equals the model's plain forward over the prompt and the tokens so far."""
     import torch
 
-    from rlcd_data.generate import transformers_engine as generate
+    from rlcd_data.generate.batch import Batch
 
     seen = []  # (request, tokens so far, logits)
     padded = []  # decoding steps where a cohort held left padding
-    sample = generate._Batch.sample
+    sample = Batch.sample
 
     def spy(self, settings, tok, banned):
         padded.append(any(bool((c.mask == 0).any()) for c in self.cohorts))
         seen.extend((r, tuple(ids), logits.clone()) for r, ids, logits in zip(self.rows, self.generated, self.logits))
         return sample(self, settings, tok, banned)
 
-    monkeypatch.setattr(generate._Batch, "sample", spy)
+    monkeypatch.setattr(Batch, "sample", spy)
     TransformersGenerator(model, tokenizer, batch_size=6, refill_at=0.5).generate(
         prompts, [request_seed("plain", i) for i in range(len(prompts))], SamplingSettings(max_new_tokens=12)
     )
@@ -264,7 +264,7 @@ def test_attention_soft_capping_is_refused_in_one_line(tiny):
 @pytest.mark.parametrize("max_cohorts", [1, 2, 8])
 def test_cohorts_change_no_output(tiny, monkeypatch, max_cohorts):
     """Rows admitted at different refills keep separate caches (cohorts), merged beyond MAX_COHORTS."""
-    from rlcd_data.generate import transformers_engine as generate
+    from rlcd_data.generate import batch
 
     model, tokenizer = tiny
     settings = SamplingSettings(max_new_tokens=16)
@@ -272,9 +272,9 @@ def test_cohorts_change_no_output(tiny, monkeypatch, max_cohorts):
     alone = [TransformersGenerator(model, tokenizer, batch_size=1).generate([p], [s], settings)[0]
              for p, s in zip(PROMPTS, seeds)]
     seen = []
-    forward = generate._Batch.forward
-    monkeypatch.setattr(generate._Batch, "forward", lambda self, m: seen.append(len(self.cohorts)) or forward(self, m))
-    monkeypatch.setattr(generate, "MAX_COHORTS", max_cohorts)
+    forward = batch.Batch.forward
+    monkeypatch.setattr(batch.Batch, "forward", lambda self, m: seen.append(len(self.cohorts)) or forward(self, m))
+    monkeypatch.setattr(batch, "MAX_COHORTS", max_cohorts)
     generator = TransformersGenerator(model, tokenizer, batch_size=4, refill_at=0.25)
     assert generator.generate(PROMPTS * 2, seeds * 2, settings) == alone * 2
     assert max(seen) == max_cohorts if max_cohorts < 8 else 2 < max(seen) <= 8
@@ -311,13 +311,13 @@ def test_a_retry_continues_from_its_finished_rows_prompt_states(tiny, monkeypatc
 def test_packed_linears_compute_f_linear_and_a_rows_result_does_not_depend_on_its_batch():
     import torch
 
-    from rlcd_data.generate.transformers_engine import _packed_forward
+    from rlcd_data.generate.onednn import packed_forward
 
     if not torch.backends.mkldnn.is_available():
         pytest.skip("no oneDNN in this torch build")
     torch.manual_seed(0)
     layer = torch.nn.Linear(1536, 576)  # a SmolLM2 down projection's shape: oneDNN runs one row differently
-    forward = _packed_forward(layer.weight.detach(), layer.bias, batch_size=32)
+    forward = packed_forward(layer.weight.detach(), layer.bias, batch_size=32)
     assert forward is not None
     x = torch.randn(40, 1536)
     torch.testing.assert_close(forward(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
@@ -332,21 +332,21 @@ def test_packed_linears_are_restored_and_fall_back_together(tiny, monkeypatch):
     cannot be packed, none is."""
     import torch
 
-    from rlcd_data.generate import transformers_engine as generate
+    from rlcd_data.generate import onednn
 
     model, _ = tiny
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
-    with generate._packed_linears(model, 4):
+    with onednn.packed_linears(model, 4):
         assert all("forward" in vars(m) for m in linears)
     assert not any("forward" in vars(m) for m in linears)
-    with pytest.raises(KeyboardInterrupt), generate._packed_linears(model, 4):
+    with pytest.raises(KeyboardInterrupt), onednn.packed_linears(model, 4):
         raise KeyboardInterrupt
     assert not any("forward" in vars(m) for m in linears)
     calls = []
-    packed_forward = generate._packed_forward
-    monkeypatch.setattr(generate, "_packed_forward",
+    packed_forward = onednn.packed_forward
+    monkeypatch.setattr(onednn, "packed_forward",
                         lambda *a: None if calls.append(1) or len(calls) == 2 else packed_forward(*a))
-    with generate._packed_linears(model, 4):
+    with onednn.packed_linears(model, 4):
         assert len(calls) == len(linears)
         assert not any("forward" in vars(m) for m in linears)
 
@@ -358,7 +358,7 @@ def test_packed_linears_stand_in_for_the_weights_they_copy_and_restore_them_exac
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rlcd_data.generate import transformers_engine as generate
+    from rlcd_data.generate import onednn
 
     if not torch.backends.mkldnn.is_available():
         pytest.skip("no oneDNN in this torch build")
@@ -373,7 +373,7 @@ def test_packed_linears_stand_in_for_the_weights_they_copy_and_restore_them_exac
     with torch.inference_mode():
         expected = model(ids).logits
     for interrupt in (False, True):
-        with contextlib.suppress(KeyboardInterrupt), torch.inference_mode(), generate._packed_linears(model, 4):
+        with contextlib.suppress(KeyboardInterrupt), torch.inference_mode(), onednn.packed_linears(model, 4):
             assert q_proj.weight.numel() == 0  # freed: the packed copy stands in for it
             assert model.lm_head.weight.shape == (64, 32)  # tied to the embedding: kept
             torch.testing.assert_close(model(ids).logits, expected)
@@ -391,7 +391,7 @@ def test_packed_linears_release_the_checkpoint_file_mapping(tmp_path):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rlcd_data.generate import transformers_engine as generate
+    from rlcd_data.generate import onednn
 
     if not torch.backends.mkldnn.is_available():
         pytest.skip("no oneDNN in this torch build")
@@ -408,7 +408,7 @@ def test_packed_linears_release_the_checkpoint_file_mapping(tmp_path):
 
     if not mapped():
         pytest.skip("this platform loads the checkpoint without a file mapping")
-    with torch.inference_mode(), generate._packed_linears(model, 4):
+    with torch.inference_mode(), onednn.packed_linears(model, 4):
         assert not mapped()
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]), name
@@ -452,12 +452,12 @@ def test_sampling_options_reach_transformers_greedy_decoding(tiny, options, refe
 def test_top_k_samples_only_among_the_k_most_likely(tiny):
     import torch
 
-    from rlcd_data.generate.transformers_engine import _warp
+    from rlcd_data.generate.batch import warp
 
     logits = torch.tensor([[3.0, 1.0, 2.0, -1.0, 0.5]])
     none = torch.tensor([], dtype=torch.long)
-    kept = _warp(logits.clone(), SamplingSettings(top_k=2), none, [()], [[]]).isfinite()
+    kept = warp(logits.clone(), SamplingSettings(top_k=2), none, [()], [[]]).isfinite()
     assert kept.tolist() == [[True, False, True, False, False]]
     # Repetition penalty on a seen token: positive logits are divided, negative ones multiplied (vLLM's rule).
-    warped = _warp(logits.clone(), SamplingSettings(repetition_penalty=2.0), none, [(0,)], [[3]])
+    warped = warp(logits.clone(), SamplingSettings(repetition_penalty=2.0), none, [(0,)], [[3]])
     assert warped.tolist() == [[1.5, 1.0, 2.0, -2.0, 0.5]]

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 import yaml
-
 from fake_hub import FakeHub
+
 from rlcd_data.config import BuildConfig
 from rlcd_data.errors import RlcdError
 from rlcd_data.hub import push

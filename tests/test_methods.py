@@ -6,12 +6,11 @@ import json
 import math
 
 import pytest
+from conftest import StandInLM
 
 from rlcd_data import BuildConfig, build
 from rlcd_data.cli import main
 from rlcd_data.errors import RlcdError
-
-from conftest import StandInLM
 
 
 def prompts_file(tmp_path, n=4):

@@ -7,13 +7,12 @@ import math
 import shutil
 
 import pytest
+from conftest import StandInLM
 
 from rlcd_data.cli import main
 from rlcd_data.errors import RlcdError
 from rlcd_data.rater import LLMRater, rate_pairs, score_token_ids, to_reward
 from rlcd_data.tasks import RATING_START, list_tasks, load_task
-
-from conftest import StandInLM
 
 
 class SetLogits(StandInLM):

@@ -10,14 +10,13 @@ import sys
 import time
 
 import pytest
+from conftest import QueueGenerator
 
 from rlcd_data.cli import main
 from rlcd_data.config import BuildConfig, RunOptions
 from rlcd_data.errors import RlcdError
 from rlcd_data.pipeline import build
 from rlcd_data.tasks import list_tasks
-
-from conftest import QueueGenerator
 
 
 def prompts_file(tmp_path, n=6):

@@ -248,13 +248,13 @@ def test_text_reward_cuts_at_human_turn_and_penalises(tiny_reward_model, tiny_mo
     from transformers import AutoTokenizer
 
     from rlcd_data.reward_model import RewardModel
-    from rlcd_data.train.ppo import _reward_adapter_class
+    from rlcd_data.train.ppo_reward import reward_adapter_class
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     reward_model = RewardModel.load(tiny_reward_model)
     prompt = "\n\nHuman: hi?\n\nAssistant:"
     prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    reward = _reward_adapter_class()(reward_model, tok, {tuple(prompt_ids): prompt}, penalty=-7.0)
+    reward = reward_adapter_class()(reward_model, tok, {tuple(prompt_ids): prompt}, penalty=-7.0)
     finished = prompt_ids + tok(f" {GOOD}\n\nHuman: more", add_special_tokens=False)["input_ids"]
     unfinished = prompt_ids + tok(f" {GOOD} and so", add_special_tokens=False)["input_ids"]
     width = max(len(finished), len(unfinished)) + 1  # every row ends in padding except where noted
@@ -295,14 +295,14 @@ def test_llm_reward_is_the_raters_expected_score_of_the_cut_response(tiny_model_
 
     from rlcd_data.rater import LLMRewards, open_rater
     from rlcd_data.tasks import load_task
-    from rlcd_data.train.ppo import _reward_adapter_class
+    from rlcd_data.train.ppo_reward import reward_adapter_class
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     rater, chat = open_rater(str(tiny_model_dir))
     task = load_task("harmless")
     prompt = "\n\nHuman: hi?\n\nAssistant:"
     prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    reward = _reward_adapter_class()(LLMRewards(rater, task, chat), tok, {tuple(prompt_ids): prompt}, penalty=-3.0)
+    reward = reward_adapter_class()(LLMRewards(rater, task, chat), tok, {tuple(prompt_ids): prompt}, penalty=-3.0)
     finished = prompt_ids + tok(f" {GOOD}\n\nHuman: more", add_special_tokens=False)["input_ids"]
     ids = torch.tensor([finished + [tok.pad_token_id]])  # ends in padding: the response ended
     mask = torch.tensor([[1] * len(finished) + [0]])

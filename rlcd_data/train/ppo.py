@@ -17,12 +17,12 @@ the step grid (20 ... 80) comes from the checkpoints of the same runs.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import RlcdError
 from . import common
+from .ppo_reward import open_reward, reward_adapter_class, value_init
 
 KL_GRID = (0.001, 0.002, 0.004, 0.008, 0.016, 0.032)
 
@@ -119,74 +119,6 @@ def dataclasses_replace(config, **changes):
     return config
 
 
-@functools.cache
-def _reward_adapter_class():
-    import torch
-    from torch import nn
-
-    from ..conversation import extract_response
-
-    class TextReward(nn.Module):
-        """A reward (a reward model, or an LLM rater) behind the interface TRL's PPO calls (`get_reward`),
-        scoring decoded text.
-
-        TRL calls ``getattr(model, model.base_model_prefix)(input_ids=..., attention_mask=...)``
-        on prompt + response token ids of the *policy's* tokenizer, then
-        ``model.score(hidden_states[-1])`` and reads the value at the last
-        response token. This module decodes each row, cuts the response at
-        the next Human turn (the paper's post-processing), scores prompt +
-        response with ``reward`` (its ``score_responses(prompts, responses)``, on its own tokenizer), and
-        returns that score at every position; a response that did not end, or is empty, gets ``penalty``.
-        """
-
-        base_model_prefix = "backbone"
-
-        def __init__(self, reward, policy_tokenizer, prompt_ids: dict[tuple[int, ...], str], penalty: float):
-            super().__init__()
-            self.scorer = reward
-            self.reward = reward.model  # registered, so .to(device) moves it
-            self.policy_tokenizer = policy_tokenizer
-            self.prompts = prompt_ids
-            self.lengths = sorted({len(k) for k in prompt_ids}, reverse=True)
-            self.penalty = penalty
-            self.config = reward.model.config
-
-        def split(self, ids: list[int]) -> tuple[str, list[int]]:
-            for n in self.lengths:
-                prompt = self.prompts.get(tuple(ids[:n]))
-                if prompt is not None:
-                    return prompt, ids[n:]
-            raise RuntimeError("a rollout does not start with any training prompt")
-
-        def backbone(self, input_ids, attention_mask, **_):
-            eos = self.policy_tokenizer.eos_token_id
-            prompts, responses, rows = [], [], []
-            rewards = torch.full(input_ids.shape, float(self.penalty), device=input_ids.device)
-            for row, (ids, mask) in enumerate(zip(input_ids.tolist(), attention_mask.tolist())):
-                kept = [t for t, m in zip(ids, mask) if m]
-                prompt, response_ids = self.split(kept)
-                ended = not mask[-1] or (bool(kept) and kept[-1] == eos)
-                text = self.policy_tokenizer.decode(response_ids, skip_special_tokens=True)
-                response = extract_response(text, ended)
-                if response is not None:
-                    prompts.append(prompt)
-                    responses.append(response)
-                    rows.append(row)
-            if rows:
-                scores = torch.tensor(self.scorer.score_responses(prompts, responses), device=input_ids.device)
-                rewards[rows] = scores.unsqueeze(1).expand(-1, input_ids.shape[1])
-            return _Hidden((rewards.unsqueeze(-1),))
-
-        def score(self, hidden):
-            return hidden
-
-    class _Hidden:
-        def __init__(self, hidden_states):
-            self.hidden_states = hidden_states
-
-    return TextReward
-
-
 def train(script: PPOScriptArguments, config, model_args, argv=None, preset=None) -> dict:
     """Run PPO and save the policy, its tokenizer and a model card to ``config.output_dir``.
 
@@ -210,7 +142,7 @@ def train(script: PPOScriptArguments, config, model_args, argv=None, preset=None
         raise RlcdError("train ppo: give --reward_model or --reward_llm (one of them)")
     common.require("ppo", policy=script.policy, prompts=script.prompts)
     policy_path = common.resolve_base(script.policy)
-    reward_model = _reward(script)
+    reward_model = open_reward(script)
     prompt_set = load_prompts(
         script.prompts, task_input="conversation", column=script.prompt_column, split=script.prompt_split,
         limit=script.limit,
@@ -236,11 +168,11 @@ def train(script: PPOScriptArguments, config, model_args, argv=None, preset=None
     # The response ends at the next Human turn as well as at EOS (the paper's rule).
     policy.generate = _generate_with_stops(policy.generate, tokenizer, list(STOP_STRINGS))
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
-    value_path = _value_init(script.reward_model, reward_model, policy_path, policy) if script.reward_model else policy_path
+    value_path = value_init(script.reward_model, reward_model, policy_path, policy) if script.reward_model else policy_path
     value = AutoModelForSequenceClassification.from_pretrained(value_path, num_labels=1, dtype=dtype)
     value.config.pad_token_id = tokenizer.pad_token_id
     prompt_ids = {tuple(ids): p.text for ids, p in zip(encoded, prompt_set.prompts)}
-    reward = _reward_adapter_class()(reward_model, tokenizer, prompt_ids, script.penalty_reward)
+    reward = reward_adapter_class()(reward_model, tokenizer, prompt_ids, script.penalty_reward)
 
     trainer = PPOTrainer(
         args=config,
@@ -299,22 +231,6 @@ def _generate_with_stops(generate, tokenizer, stop_strings: list[str]):
     return wrapped
 
 
-def _reward(script: PPOScriptArguments):
-    """The reward PPO optimises: the reward model, or the LLM rater of direct RLAIF (``--reward_llm``)."""
-    from ..reward_model import RewardModel
-
-    if script.reward_model:
-        return RewardModel.load(script.reward_model, max_length=script.reward_max_length)
-    from ..rater import LLMRewards, open_rater
-    from ..tasks import load_task
-
-    task = load_task(script.rater_task)
-    if not task.has_rater:
-        raise RlcdError(f"train ppo: task {task.name!r} has no rate.jinja; pick another --rater_task")
-    rater, chat = open_rater(script.reward_llm, script.rater_quantization, prompt_format=script.rater_prompt_format)
-    return LLMRewards(rater, task, chat)
-
-
 def _pad_outside_prompts(tokenizer, encoded: list[list[int]]) -> None:
     """TRL masks every pad token id as padding. A chat template writes the end-of-turn token inside prompts,
     and many tokenizers pad with that same token: then pad with a special token no prompt contains.
@@ -330,13 +246,3 @@ def _pad_outside_prompts(tokenizer, encoded: list[list[int]]) -> None:
         raise RlcdError("train ppo: the policy's pad token occurs in the prompts and no other special token is "
                         "free to pad with; use --prompt_format text")
     tokenizer.pad_token = tokenizer.convert_ids_to_tokens(free[0])
-
-
-def _value_init(reward_path: str, reward_model, policy_path: str, policy) -> str:
-    """The paper initialises the value model from the reward model; that needs the policy's architecture and vocabulary."""
-    same = (
-        reward_model.model.config.model_type == policy.config.model_type
-        and reward_model.model.config.vocab_size == policy.config.vocab_size
-        and reward_model.model.config.hidden_size == policy.config.hidden_size
-    )
-    return str(Path(reward_path)) if same else policy_path

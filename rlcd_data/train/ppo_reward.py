@@ -1,0 +1,103 @@
+"""The reward PPO optimises, as TRL's PPO calls it: a reward model or an LLM rater (direct RLAIF) scoring
+the decoded, cut response; and where the value model starts from."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from ..errors import RlcdError
+
+
+def open_reward(script):
+    """The reward PPO optimises: the reward model, or the LLM rater of direct RLAIF (``--reward_llm``)."""
+    from ..reward_model import RewardModel
+
+    if script.reward_model:
+        return RewardModel.load(script.reward_model, max_length=script.reward_max_length)
+    from ..rater import LLMRewards, open_rater
+    from ..tasks import load_task
+
+    task = load_task(script.rater_task)
+    if not task.has_rater:
+        raise RlcdError(f"train ppo: task {task.name!r} has no rate.jinja; pick another --rater_task")
+    rater, chat = open_rater(script.reward_llm, script.rater_quantization, prompt_format=script.rater_prompt_format)
+    return LLMRewards(rater, task, chat)
+
+
+@functools.cache
+def reward_adapter_class():
+    import torch
+    from torch import nn
+
+    from ..conversation import extract_response
+
+    class TextReward(nn.Module):
+        """A reward (a reward model, or an LLM rater) behind the interface TRL's PPO calls (`get_reward`),
+        scoring decoded text.
+
+        TRL calls ``getattr(model, model.base_model_prefix)(input_ids=..., attention_mask=...)``
+        on prompt + response token ids of the *policy's* tokenizer, then
+        ``model.score(hidden_states[-1])`` and reads the value at the last
+        response token. This module decodes each row, cuts the response at
+        the next Human turn (the paper's post-processing), scores prompt +
+        response with ``reward`` (its ``score_responses(prompts, responses)``, on its own tokenizer), and
+        returns that score at every position; a response that did not end, or is empty, gets ``penalty``.
+        """
+
+        base_model_prefix = "backbone"
+
+        def __init__(self, reward, policy_tokenizer, prompt_ids: dict[tuple[int, ...], str], penalty: float):
+            super().__init__()
+            self.scorer = reward
+            self.reward = reward.model  # registered, so .to(device) moves it
+            self.policy_tokenizer = policy_tokenizer
+            self.prompts = prompt_ids
+            self.lengths = sorted({len(k) for k in prompt_ids}, reverse=True)
+            self.penalty = penalty
+            self.config = reward.model.config
+
+        def split(self, ids: list[int]) -> tuple[str, list[int]]:
+            for n in self.lengths:
+                prompt = self.prompts.get(tuple(ids[:n]))
+                if prompt is not None:
+                    return prompt, ids[n:]
+            raise RuntimeError("a rollout does not start with any training prompt")
+
+        def backbone(self, input_ids, attention_mask, **_):
+            eos = self.policy_tokenizer.eos_token_id
+            prompts, responses, rows = [], [], []
+            rewards = torch.full(input_ids.shape, float(self.penalty), device=input_ids.device)
+            for row, (ids, mask) in enumerate(zip(input_ids.tolist(), attention_mask.tolist())):
+                kept = [t for t, m in zip(ids, mask) if m]
+                prompt, response_ids = self.split(kept)
+                ended = not mask[-1] or (bool(kept) and kept[-1] == eos)
+                text = self.policy_tokenizer.decode(response_ids, skip_special_tokens=True)
+                response = extract_response(text, ended)
+                if response is not None:
+                    prompts.append(prompt)
+                    responses.append(response)
+                    rows.append(row)
+            if rows:
+                scores = torch.tensor(self.scorer.score_responses(prompts, responses), device=input_ids.device)
+                rewards[rows] = scores.unsqueeze(1).expand(-1, input_ids.shape[1])
+            return _Hidden((rewards.unsqueeze(-1),))
+
+        def score(self, hidden):
+            return hidden
+
+    class _Hidden:
+        def __init__(self, hidden_states):
+            self.hidden_states = hidden_states
+
+    return TextReward
+
+
+def value_init(reward_path: str, reward_model, policy_path: str, policy) -> str:
+    """The paper initialises the value model from the reward model; that needs the policy's architecture and vocabulary."""
+    same = (
+        reward_model.model.config.model_type == policy.config.model_type
+        and reward_model.model.config.vocab_size == policy.config.vocab_size
+        and reward_model.model.config.hidden_size == policy.config.hidden_size
+    )
+    return str(Path(reward_path)) if same else policy_path
