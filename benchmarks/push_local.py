@@ -1,6 +1,6 @@
 """What `rlcd-data push` sends for a 1,000-pair dataset, against the fake Hub on 127.0.0.1.
 
-    .venv/bin/python benchmarks/push_local.py
+    .venv/bin/python benchmarks/push_local.py [--pairs 1000]
 
 Builds 1,000 pairs with a fake generator (no model), pushes them twice, and prints
 the files, bytes and requests of each push and how long it took.
@@ -8,6 +8,7 @@ the files, bytes and requests of each push and how long it took.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -30,10 +31,14 @@ from rlcd_data.hub import push  # noqa: E402
 from rlcd_data.pipeline import build  # noqa: E402
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", type=int, default=1000)
+    args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp())
     prompts = work / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"Question {i}: how do I do thing {i}?"}) + "\n" for i in range(1000)))
+    prompts.write_text("".join(json.dumps({"prompt": f"Question {i}: how do I do thing {i}?"}) + "\n"
+                               for i in range(args.pairs)))
     reply = lambda prompt, n: ("A response of ordinary length that says a few sentences. " * 4, True)  # noqa: E731
     config = BuildConfig(task="harmless", prompts=str(prompts), output=str(work / "out"))
     build(config, generator=FakeGenerator(reply), progress=False)
