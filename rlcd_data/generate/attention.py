@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .batch import Part
 
+
 @functools.cache
 def cache_argument(model_class) -> str:
     """The name of the forward's key/value cache argument: ``past_key_values`` until transformers renamed it
