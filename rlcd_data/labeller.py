@@ -69,11 +69,12 @@ class TransformersLabeller:
         return forward_last(self.model, self.tokenizer, encoded, self.batch_size, read)
 
 
-def forward_last(model, tokenizer, encoded: list[list[int]], batch_size: int, read) -> list:
+def forward_last(model, tokenizer, encoded: list[list[int]], batch_size: int, read, on_rows=None) -> list:
     """``read(logits)`` of every batch of token-id lists, in the order given.
 
     Batches go longest first with left padding, so position -1 is every row's last token (-2 the one
     before, and so on); ``read`` gets the logits of the last two positions and returns one value per row.
+    ``on_rows(n)``, if given, is called after each batch with its number of rows (for a progress bar).
     """
     import torch
 
@@ -97,4 +98,6 @@ def forward_last(model, tokenizer, encoded: list[list[int]], batch_size: int, re
             ).logits[:, -2:]
             for r, value in zip(rows, read(logits)):
                 out[r] = value
+            if on_rows:
+                on_rows(len(rows))
     return out

@@ -67,8 +67,9 @@ class LLMRater:
         self.batch_size = batch_size
         self.score_ids, self.zero_id = score_token_ids(tokenizer)
 
-    def expected_scores(self, prompts: Sequence[str]) -> list[float]:
-        """The expected score of each rating prompt (each ends where the score comes next)."""
+    def expected_scores(self, prompts: Sequence[str], on_rows=None) -> list[float]:
+        """The expected score of each rating prompt (each ends where the score comes next); ``on_rows(n)``
+        after each batch of ``n`` prompts."""
         import torch
 
         encoded = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -77,7 +78,7 @@ class LLMRater:
                 probabilities = torch.softmax(logits[:, -1, self.score_ids].float(), dim=-1)
                 return (probabilities @ torch.tensor(SCORES, dtype=torch.float)).tolist()
 
-            return forward_last(self.model, self.tokenizer, encoded, self.batch_size, read)
+            return forward_last(self.model, self.tokenizer, encoded, self.batch_size, read, on_rows)
         one = self.score_ids[0]
 
         def read_split(logits):  # position -2: the score's first digit; -1: what follows a "1"
@@ -86,7 +87,8 @@ class LLMRater:
             expected = digits @ torch.arange(1, 10, dtype=torch.float)
             return (expected + 9 * digits[:, 0] * zero).tolist()  # P(10) = P(1) P(0 | 1): it scores 10, not 1
 
-        return forward_last(self.model, self.tokenizer, [ids + [one] for ids in encoded], self.batch_size, read_split)
+        return forward_last(self.model, self.tokenizer, [ids + [one] for ids in encoded], self.batch_size, read_split,
+                            on_rows)
 
     def rewards(self, prompts: Sequence[str]) -> list[float]:
         """Expected scores mapped to [-1, 1]."""
@@ -109,7 +111,7 @@ def rate_pairs(rater: LLMRater, task, pairs, chat=None, progress: bool = False) 
     """Rate the chosen and the rejected response of every pair (a `datasets.Dataset` of pairs).
 
     Args:
-        progress: show a progress bar (pairs rated, rate, ETA) on stderr.
+        progress: show a progress bar (responses rated, rate, ETA) on stderr.
 
     Returns:
         pairs, agreement (share of pairs whose chosen response is rated higher; a tie counts one half),
@@ -124,12 +126,8 @@ def rate_pairs(rater: LLMRater, task, pairs, chat=None, progress: bool = False) 
         prompt, chosen, rejected = pair_responses(row)
         prompts += [task.render_rating(prompt, chosen, chat), task.render_rating(prompt, rejected, chat)]
     start = time.perf_counter()
-    scores: list[float] = []
-    step = 4 * rater.batch_size  # pairs per update of the bar
-    with tqdm(total=len(prompts) // 2, unit="pair", desc="rating", disable=not progress) as bar:
-        for first in range(0, len(prompts), 2 * step):
-            scores += rater.expected_scores(prompts[first : first + 2 * step])
-            bar.update(len(prompts[first : first + 2 * step]) // 2)
+    with tqdm(total=len(prompts), unit="response", desc="rating", disable=not progress) as bar:
+        scores = rater.expected_scores(prompts, on_rows=bar.update)
     seconds = time.perf_counter() - start
     chosen, rejected = scores[0::2], scores[1::2]
     wins = sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen, rejected))

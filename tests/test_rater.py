@@ -77,6 +77,9 @@ def test_expected_score_when_every_score_is_one_token(number_tokenizer):
     model = SetLogits(len(number_tokenizer), {}, {ids[9]: 0.0, ids[1]: 0.0})  # "10" and "2" equally likely
     [score] = LLMRater(model, number_tokenizer).expected_scores(["ok " + RATING_START])
     assert score == pytest.approx(6.0)
+    batches = []  # what a progress bar is told: every prompt once, a batch at a time
+    scores = LLMRater(model, number_tokenizer, batch_size=2).expected_scores(["ok " + RATING_START] * 5, batches.append)
+    assert batches == [2, 2, 1] and scores == pytest.approx([6.0] * 5)
 
 
 def test_reward_maps_one_to_ten_onto_minus_one_to_one():
