@@ -1,7 +1,7 @@
 """Generation throughput: the released RLCD loop's behaviour vs `rlcd-data build` on its two engines.
 
     .venv/bin/python benchmarks/generation.py [--prompts 64] [--max-new-tokens 300]
-                    [--dtype float32 bfloat16] [--runs 1] [--only a b c] [--default-kernels] [--vllm-compile]
+                    [--dtype float32 bfloat16] [--runs 1] [--only a b c] [--vllm-threads-bind CPUS] [--vllm-compile]
 
 Each generator runs in its own process on the same prompts, model and settings (the paper's text format,
 temperature 1, as the released loop samples):
@@ -9,16 +9,17 @@ temperature 1, as the released loop samples):
 (a) released-loop baseline: p+ and p- as separate queue entries in input order, fixed batches of 16,
     left padding, every batch decoded until all its rows end or reach max_new_tokens (no stop string),
     backslash and backtick tokens banned, the paper's post-hoc cut, failed outputs re-queued up to 5 times, again in batches of 16;
-(b) `rlcd-data build` on its transformers engine (length-sorted, continuously refilled batch, per-row stop);
+(b) `rlcd-data build` on its transformers backend (`model.generate` in batches, longest prompts first,
+    each row stopped at its own stop, one random generator per output);
 (c) `rlcd-data build` on vLLM (`--backend vllm`): the engine's start-up is timed apart from the build.
+    Its OpenMP threads are bound as the build binds them (every CPU on a small machine);
+    `--vllm-threads-bind auto` measures vLLM's own binding instead.
     Eager by default on a CPU; `--vllm-compile` compiles instead, the first run with an empty compile
     cache (cold start), later runs with the cache the first one wrote (warm start).
 
 Reports completed pairs per second, useful tokens per second (tokens kept after the cut), tokens
 generated, peak resident memory (for (c) summed over the engine's processes), the ratios to (a), and
-the machine's ceiling: the best measured matmul
-rate (default kernel or oneDNN packed, whichever is faster here) divided by the forward-pass FLOPs per
-generated token. (a) runs on the default kernels, as the released loop does.
+the machine's ceiling: the measured matmul rate divided by the forward-pass FLOPs per generated token.
 """
 
 from __future__ import annotations
@@ -109,12 +110,6 @@ def run_build(args) -> dict:
     from rlcd_data.pipeline import build
 
     model, tok, source = load(args)
-    if args.default_kernels:  # the generator's structure alone, on the kernels (a) uses
-        import contextlib
-
-        from rlcd_data.generate import transformers_engine as generate
-
-        generate.packed_linears = lambda model, batch_size: contextlib.nullcontext()
     out = Path(tempfile.mkdtemp()) / "out"
     start = time.perf_counter()
     result = build(config(args, output=str(out)), generator=TransformersGenerator(model, tok, args.batch_size, source.description), progress=False)
@@ -171,11 +166,8 @@ def run_vllm(args) -> dict:
 
 
 def ceiling(args) -> dict:
-    """Measured matmul rate / forward FLOPs per token (2 x parameters used per token). The rate is the
-    faster of the default kernel (F.linear) and the oneDNN packed linear that (b) uses where it can."""
+    """Measured matmul rate (F.linear at the batch size) / forward FLOPs per token (2 x parameters used per token)."""
     import torch
-
-    from rlcd_data.generate.onednn import packed_forward
 
     model, _, _ = load(args)
     params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
@@ -184,20 +176,13 @@ def ceiling(args) -> dict:
     dtype = next(model.parameters()).dtype
     a = torch.randn(args.batch_size, model.config.hidden_size, dtype=dtype)
     w = torch.randn(model.config.intermediate_size, model.config.hidden_size, dtype=dtype)
-    kernels = {"F.linear": lambda x: torch.nn.functional.linear(x, w)}
-    if (packed := packed_forward(w, None, args.batch_size)) is not None:
-        kernels["oneDNN packed"] = packed
-    rates = {}
-    for name, f in kernels.items():
-        for _ in range(10):
-            f(a)
-        n, start = 2000, time.perf_counter()
-        for _ in range(n):
-            f(a)
-        rates[name] = 2 * a.shape[0] * w.numel() * n / (time.perf_counter() - start)
-    kernel = max(rates, key=rates.get)
-    return {"flops_per_token": 2 * params, "matmul_gflops": rates[kernel] / 1e9, "kernel": kernel,
-            "rates_gflops": {k: v / 1e9 for k, v in rates.items()}, "ceiling_tokens_per_s": rates[kernel] / (2 * params)}
+    for _ in range(10):
+        torch.nn.functional.linear(a, w)
+    n, start = 2000, time.perf_counter()
+    for _ in range(n):
+        torch.nn.functional.linear(a, w)
+    rate = 2 * a.shape[0] * w.numel() * n / (time.perf_counter() - start)
+    return {"flops_per_token": 2 * params, "matmul_gflops": rate / 1e9, "ceiling_tokens_per_s": rate / (2 * params)}
 
 
 def child(args) -> None:
@@ -212,7 +197,7 @@ def spawn(args, which: str, env: dict | None = None) -> dict:
     cmd = [sys.executable, __file__, "--child", which] + [
         f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
         if k not in ("child", "runs", "only") and v is not None and not isinstance(v, bool)
-    ] + (["--default-kernels"] if args.default_kernels else []) + (["--vllm-compile"] if args.vllm_compile else [])
+    ] + (["--vllm-compile"] if args.vllm_compile else [])
     out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True, env={**os.environ, **(env or {})}).stdout
     return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
 
@@ -228,11 +213,9 @@ def main() -> None:
     parser.add_argument("--hh", default=str(HH_PROMPTS))
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--only", nargs="+", choices=["a", "b", "c"], help="run only these (ratios need a)")
-    parser.add_argument("--default-kernels", action="store_true",
-                        help="(b) without its oneDNN packed linears: the default kernels, as (a) uses")
     parser.add_argument("--vllm-threads-bind", metavar="CPUS",
-                        help="(c) VLLM_CPU_OMP_THREADS_BIND, e.g. 0-1 for every core (vLLM's auto leaves one for its "
-                             "scheduler)")
+                        help="(c) VLLM_CPU_OMP_THREADS_BIND, e.g. auto for vLLM's own binding (it leaves one CPU to "
+                             "its scheduler); default: as the build binds them")
     parser.add_argument("--vllm-compile", action="store_true",
                         help="(c) compiled instead of eager: cold compile cache in run 1, warm after")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -246,11 +229,9 @@ def main() -> None:
 
 def measure(args) -> None:
     """Ceiling, runs and medians for one dtype."""
-    print(f"{args.prompts} prompts, max {args.max_new_tokens} new tokens, {args.dtype}, model {args.model}"
-          + (", (b) on the default kernels" if args.default_kernels else ""))
+    print(f"{args.prompts} prompts, max {args.max_new_tokens} new tokens, {args.dtype}, model {args.model}")
     limit = spawn(args, "ceiling")
-    rates = ", ".join(f"{k} {v:.1f}" for k, v in limit["rates_gflops"].items())
-    print(f"ceiling: {limit['matmul_gflops']:.1f} GFLOP/s matmul ({limit['kernel']}; measured GFLOP/s: {rates})"
+    print(f"ceiling: {limit['matmul_gflops']:.1f} GFLOP/s matmul (F.linear, batch {args.batch_size})"
           f" / {limit['flops_per_token'] / 1e6:.0f} MFLOP per token = {limit['ceiling_tokens_per_s']:.0f} tokens/s")
     runs = {w: [] for w in (args.only or ("a", "b", "c"))}  # in the order given
     compile_cache = {"VLLM_CACHE_ROOT": tempfile.mkdtemp(prefix="vllm-cache-")}  # empty for run 1: a cold start

@@ -167,9 +167,9 @@ def evaluate_policy(
     seeds = [request_seed(seed, "eval-policy", p.source_index) for p in prompt_set.prompts]
     settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature)
     rewards_of = RewardModel.load(reward_model).score if reward_model else None
-    engine, _ = choose_backend(backend, "none")
     sides = {}
     for side, name in (("policy", policy), ("base", base)):
+        engine, _ = choose_backend(backend, "none", name)
         completions, prompt_format = _sample(engine, name, texts, seeds, settings, batch_size, prompt_format)
         responses = [extract_response(c.text, c.ended) for c in completions]
         shown = [r if r is not None else c.text.strip() for r, c in zip(responses, completions)]

@@ -151,7 +151,7 @@ def build(
     if generator is None:  # which engine runs is part of the record too (resume refuses another)
         from .generate.backends import choose_backend
 
-        backend, why = choose_backend(config.backend, config.quantization)
+        backend, why = choose_backend(config.backend, config.quantization, config.model)
         config = dataclasses.replace(config, backend=backend)
     # Shard k of n takes examples k, k + n, k + 2n, ...: every shard gets short and long prompts alike.
     pairs = all_pairs if shard is None else all_pairs[shard[0] :: shard[1]]

@@ -13,6 +13,7 @@ import pytest
 from rlcd_data.chat import ChatRenderer
 from rlcd_data.cli import main
 from rlcd_data.config import BuildConfig
+from rlcd_data.errors import RlcdError
 from rlcd_data.generate import SamplingSettings, request_seed
 from rlcd_data.generate.vllm_engine import VLLMGenerator, VLLMLabeller
 from rlcd_data.pipeline import build
@@ -143,7 +144,7 @@ def test_backend_errors_are_one_line(capsys, tmp_path, monkeypatch):
     assert "--backend transformers" in err
     from rlcd_data.generate import backends
 
-    assert backends.choose_backend("auto", "none")[0] == "transformers"  # on a CPU: measured faster there
+    assert backends.choose_backend("auto", "none") == ("vllm", "vLLM is installed")  # on a CPU too: measured faster
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     assert backends.choose_backend("auto", "none") == ("vllm", "vLLM is installed")
     monkeypatch.setattr("rlcd_data.generate.vllm_engine.vllm_available", lambda: "vLLM cannot be imported (x)")
@@ -153,6 +154,45 @@ def test_backend_errors_are_one_line(capsys, tmp_path, monkeypatch):
     err = capsys.readouterr().err
     assert code == 2 and "pip install 'rlcd-data[vllm]'" in err.strip().splitlines()[-1]
     assert backends.choose_backend("auto", "8bit")[0] == "transformers"
+
+
+def test_auto_leaves_architectures_vllm_lacks_to_transformers(tmp_path, tiny_model_dir):
+    import shutil
+
+    from rlcd_data.generate import backends
+
+    assert backends.choose_backend("auto", "none", str(tiny_model_dir)) == ("vllm", "vLLM is installed")
+    odd = tmp_path / "odd"
+    shutil.copytree(tiny_model_dir, odd)
+    config = json.loads((odd / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps({**config, "architectures": ["NoSuchModelForCausalLM"]}))
+    assert backends.choose_backend("auto", "none", str(odd)) == (
+        "transformers", "vLLM does not run NoSuchModelForCausalLM")
+    with pytest.raises(RlcdError, match="^--backend vllm: vLLM does not run NoSuchModelForCausalLM; use --backend "
+                                        "transformers$"):
+        backends.choose_backend("vllm", "none", str(odd))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    assert backends.choose_backend("auto", "none", str(adapter))[0] == "transformers"
+
+
+def test_small_machines_bind_vllms_threads_to_every_cpu(monkeypatch, vllm_engine):
+    import os
+
+    from rlcd_data.generate.vllm_engine import SMALL_MACHINE_CPUS, cpu_threads_bind
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    assert cpu_threads_bind({}) == "0,1,2"
+    assert cpu_threads_bind({"VLLM_CPU_OMP_THREADS_BIND": "auto"}) is None  # the user's choice stands
+    assert cpu_threads_bind({"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}) is None
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(SMALL_MACHINE_CPUS + 1)))
+    assert cpu_threads_bind({}) is None  # vLLM's binding, with a CPU for its scheduler
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
+    assert cpu_threads_bind({}) is None
+    monkeypatch.undo()
+    if 1 < len(os.sched_getaffinity(0)) <= SMALL_MACHINE_CPUS:  # this machine: the session's engine took them all
+        assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == ",".join(map(str, sorted(os.sched_getaffinity(0))))
 
 
 def test_policy_evaluation_samples_on_vllm(generator, tiny_vllm_model_dir):

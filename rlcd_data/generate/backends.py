@@ -16,21 +16,22 @@ def _quantized(quantization: str, cuda: bool) -> str | None:
     return "8bit" if quantization == "auto" and cuda else None
 
 
-def choose_backend(backend: str, quantization: str) -> tuple[str, str]:
-    """(engine, why) for ``--backend`` and ``--quantization`` on this machine.
+def choose_backend(backend: str, quantization: str, model: str | None = None) -> tuple[str, str]:
+    """(engine, why) for ``--backend``, ``--quantization`` and ``--model`` on this machine.
 
-    ``auto`` is vLLM on a GPU where it is installed, and the transformers
-    engine on a CPU, where it measured 1.3x vLLM-CPU's pairs/s before
-    vLLM's start-up (64 HH prompts, fp32, 2 cores; docs/benchmarks.md).
-    vLLM runs bitsandbytes 4-bit on a GPU only; 8-bit bitsandbytes, and any
-    bitsandbytes on a CPU, stay on transformers.
+    ``auto`` is vLLM where it is installed and can run the request, on a GPU
+    and on a CPU alike: with its threads on every core, vLLM-CPU measured
+    1.13x the pairs/s of the former built-in engine and so is faster end to end
+    for a 1,000-pair build despite its start-up (docs/benchmarks.md). vLLM runs
+    bitsandbytes 4-bit on a GPU only; 8-bit bitsandbytes, any bitsandbytes on
+    a CPU, and architectures vLLM lacks stay on transformers.
 
     Raises:
         RlcdError: ``vllm`` asked for where it cannot run the request.
     """
     import torch
 
-    from .vllm_engine import vllm_available
+    from .vllm_engine import unsupported_architecture, vllm_available
 
     cuda = torch.cuda.is_available()
     bits = _quantized(quantization, cuda)
@@ -41,21 +42,29 @@ def choose_backend(backend: str, quantization: str) -> tuple[str, str]:
         blocker = f"vLLM has no {bits} bitsandbytes on a CPU; use --backend transformers for {bits}, or --quantization none"
     elif bits == "8bit":
         blocker = "vLLM loads bitsandbytes 4-bit only; use --quantization 4bit, or --backend transformers for 8-bit"
+    missing = vllm_available()
+    if not blocker and not missing and model and (architecture := unsupported_architecture(_folder(model))):
+        blocker = f"vLLM does not run {architecture}; use --backend transformers"
     if backend == "vllm":
         if blocker:
             raise RlcdError(f"--backend vllm: {blocker}")
-        missing = vllm_available()
         if missing:
             raise RlcdError(f"--backend vllm: {missing}; install it with {VLLM_INSTALL}")
         return "vllm", "--backend vllm"
     if blocker:
         return "transformers", blocker.split(";")[0]
-    if not cuda:  # measured: docs/benchmarks.md
-        return "transformers", "on a CPU the built-in engine measured faster than vLLM-CPU; --backend vllm to use it"
-    missing = vllm_available()
     if missing:
         return "transformers", missing
     return "vllm", "vLLM is installed"
+
+
+def _folder(model: str) -> str:
+    from ..models import resolve_model
+
+    try:
+        return resolve_model(model).path
+    except RlcdError:
+        return model  # opening it reports the problem
 
 
 def open_generator(config):

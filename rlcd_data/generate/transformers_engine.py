@@ -1,36 +1,18 @@
-"""Sampling from a causal LM with a continuously refilled batch.
+"""Sampling with transformers' own ``generate``: the compatible path beside vLLM.
 
-Requests are queued longest first (an out-of-memory error shows at once),
-requests that share a prefix next to each other, and decoded in one batch
-where each sequence finishes at its own stop: end-of-sequence, the start of
-the next ``Human`` turn, or the token limit. A finished row leaves the batch
-at once (its cohort's last row moves into its slot); once ``refill_at`` of the
-batch (an eighth) has finished, the freed slots are refilled from the queue,
-so the batch stays full instead of waiting for its longest sequence. Requests
-the caller adds while the call runs (retries of failed outputs) join the same
-queue.
+vLLM is the fast engine (continuous batching, prefix caching). This path runs
+what vLLM cannot: bitsandbytes 8-/4-bit, architectures vLLM lacks, machines
+without vLLM. It is ``model.generate`` with two hooks of ours:
 
-Rows admitted together form a cohort with its own key/value cache, as wide as
-its longest row; the model runs on all rows at once and attention reads each
-row's cohort. Admitting rows copies no other cohort's cache, and a short row
-is not padded to the longest row of the whole batch (memory and attention
-follow the rows' own lengths). The cache grows in place (a buffer with room at
-the end) instead of being copied at every step.
+- `SeededSampler`, a logits processor that samples each row with its request's
+  own random generator, so an output depends on its seed, not on its batch;
+- `Stops`, a stopping criterion that ends each row at end-of-sequence, the
+  start of the next ``Human`` turn or the token limit, and reports finished
+  rows as they finish (progress, and retries the caller adds).
 
-Prefill does no repeated work: identical prompts are prefilled once; a prefix
-that several prompts of the call share (p+ and p- are identical up to their
-first descriptor) is prefilled once and each prompt runs only its own rest;
-a retry of a row that just finished continues from that row's prompt states;
-prompts are prefilled in groups of similar length, so padding stays small.
-Every request samples with its own random generator, so its output depends on
-its seed, not on which requests share its batch. Results come back in the
-caller's order.
-
-Models with sliding-window attention (Mistral, Gemma 3, ...) are supported:
-when a sequence may outgrow the window, prompts are prefilled whole (no shared
-prefix, so a row holds no padding between its tokens) and each sliding layer
-attends to the last ``window`` columns of its cohort. Attention logit
-soft-capping (Gemma 2) and chunked attention are refused with an RlcdError.
+Requests run in batches of ``batch_size``, longest first (similar lengths
+share a batch, and an out-of-memory error shows at once); requests the caller
+adds during the call (retries of failed outputs) run in a later batch.
 """
 
 from __future__ import annotations
@@ -38,12 +20,11 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 
-from ..errors import RlcdError
+from ..conversation import STOP_STRINGS
 from . import Completion, ProgressCallback, SamplingSettings, banned_token_ids
-from .attention import cache_argument, ragged_attention
-from .batch import Batch, GrowingLayer, Part
-from .onednn import packed_linears
-from .prefixes import PrefixStore, length_groups, prefill_groups
+
+# Tokens decoded at each step to look for a stop string; longer than any stop string.
+STOP_WINDOW = 8
 
 
 class TransformersGenerator:
@@ -51,22 +32,14 @@ class TransformersGenerator:
 
     Args:
         batch_size: sequences decoded together.
-        refill_at: refill once this fraction of the batch has finished
-            (a prefill per refill; 0 < refill_at <= 1).
     """
 
-    def __init__(self, model, tokenizer, batch_size: int = 16, description: str = "", refill_at: float = 0.125):
+    def __init__(self, model, tokenizer, batch_size: int = 16, description: str = ""):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        self.refill_at = refill_at
         self.description = description or getattr(model, "name_or_path", "model")
-        config = model.config.get_text_config()
-        for name in ("attn_logit_softcapping", "attention_chunk_size"):
-            if getattr(config, name, None):
-                raise RlcdError(f"{self.description}: its attention uses {name}, which the generator does not support")
-        self.window = getattr(config, "sliding_window", None)
-        self._banned: dict[str, object] = {}  # banned characters -> token ids (a tensor)
+        self._banned: dict[str, list[int]] = {}  # banned characters -> token ids
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -78,140 +51,126 @@ class TransformersGenerator:
         settings: SamplingSettings,
         on_progress: ProgressCallback | None = None,
     ) -> list[Completion]:
-        import torch
-
-        encoded = [tuple(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-        seeds = list(seeds)
         if settings.banned_characters not in self._banned:
-            ids = banned_token_ids(self.tokenizer, settings.banned_characters)
-            self._banned[settings.banned_characters] = torch.tensor(ids, dtype=torch.long, device=self.model.device)
-        banned = self._banned[settings.banned_characters]
-        # Shared prefill states put padding inside rows (up to a prompt's length) and a sliding window
-        # counts columns: share only if no row, padding included, can outgrow the window (then it hides
-        # nothing). Requests added during the call are retries of these prompts.
-        longest = max(map(len, encoded), default=0)
-        window = self.window if self.window and 2 * longest + settings.max_new_tokens > self.window else None
-        prefixes = PrefixStore(encoded, share=window is None)
-        # Longest first (an out-of-memory error shows at once), requests sharing a prefix next to each other.
-        queue = deque(sorted(range(len(prompts)), key=lambda i: prefixes.order(encoded[i])))
+            self._banned[settings.banned_characters] = banned_token_ids(self.tokenizer, settings.banned_characters)
+        encoded = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        seeds = list(seeds)
         results: list[Completion | None] = [None] * len(prompts)
-        batch: Batch | None = None
-        refill_below = max(1, int(self.batch_size * (1 - self.refill_at)))
-        with torch.inference_mode(), ragged_attention(self.model), packed_linears(self.model, self.batch_size):
-            while queue or batch is not None:
-                active = batch.active if batch else 0
-                if queue and active < self.batch_size and (active == 0 or active <= refill_below):
-                    new = [queue.popleft() for _ in range(min(self.batch_size - active, len(queue)))]
-                    ids, row_seeds = [encoded[i] for i in new], [seeds[i] for i in new]
-                    batch = self._admit(batch or Batch(window), new, ids, row_seeds, prefixes)
-                done = batch.sample(settings, self.tokenizer, banned)
-                for i, completion in done:
-                    results[i] = completion
-                more = on_progress(done, batch.active) if on_progress else None  # one new token per live row
-                finished = {encoded[i]: i for i, _ in done}
-                for prompt, seed in more or ():
-                    x = tuple(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-                    encoded.append(x)
-                    seeds.append(seed)
-                    results.append(None)
-                    prefixes.add(x)
-                    if x in finished and x not in prefixes.kept and len(x) > 1 and window is None:
-                        # A retry of a row that just finished: keep that row's prompt states (all but the
-                        # last token) and admit it at the next refill, so they are not held for long.
-                        prefixes.kept[x] = batch.prompt_states(finished[x], len(x) - 1)
-                        queue.appendleft(len(encoded) - 1)
-                    else:
-                        queue.append(len(encoded) - 1)
-                batch.finish({i for i, _ in done})
-                if batch.active:
-                    batch.forward(self.model)
-                else:
-                    batch = None
+        queue = deque(sorted(range(len(prompts)), key=lambda i: -len(encoded[i])))
+
+        def report(done: list[tuple[int, Completion]], tokens: int) -> None:
+            for i, completion in done:
+                results[i] = completion
+            for prompt, seed in (on_progress(done, tokens) if on_progress else None) or ():
+                encoded.append(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+                seeds.append(seed)
+                results.append(None)
+                queue.append(len(encoded) - 1)
+
+        while queue:
+            rows = [queue.popleft() for _ in range(min(self.batch_size, len(queue)))]
+            self._run(rows, [encoded[i] for i in rows], [seeds[i] for i in rows], settings, report)
         return results  # type: ignore[return-value]
 
-    def _admit(self, batch: Batch, rows: list[int], ids: list[tuple], seeds: list[int], prefixes) -> Batch:
-        """Prefill new prompts; each group prefilled together joins the running batch as a cohort."""
+    def _run(self, rows: list[int], ids: list[list[int]], seeds: list[int], settings: SamplingSettings, report):
+        """One ``generate`` call over a left-padded batch."""
+        import torch
+        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+
+        width = max(map(len, ids))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.model.device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.model.device)
+        config = GenerationConfig(
+            do_sample=False, max_new_tokens=settings.max_new_tokens, pad_token_id=pad,
+            eos_token_id=self.tokenizer.eos_token_id, temperature=None, top_p=None, top_k=None,
+        )
+        sampler = SeededSampler(seeds, settings, self._banned[settings.banned_characters], [len(x) for x in ids])
+        stops = Stops(self.tokenizer, rows, width, settings.max_new_tokens, report)
+        with torch.inference_mode():
+            self.model.generate(
+                input_ids=input_ids, attention_mask=mask, generation_config=config,
+                logits_processor=LogitsProcessorList([sampler]), stopping_criteria=StoppingCriteriaList([stops]),
+            )
+
+
+class SeededSampler:
+    """A logits processor that samples each row's next token with that row's own generator and
+    leaves it the only finite logit, so greedy decoding takes it."""
+
+    def __init__(self, seeds: list[int], settings: SamplingSettings, banned: list[int], prompt_lengths: list[int]):
         import torch
 
-        # Identical prompts (attempts of one output, run side by side) share one prefill.
-        unique = list(dict.fromkeys(ids))
-        prefixes.states.update(self._prefill_prefixes(prefixes.missing(unique)))
-        parts = []
-        for group in prefill_groups(unique, prefixes):
-            part = self._prefill(group, [prefixes.shared_states(x) for x in group])
-            position = {x: r for r, x in enumerate(part.prompts)}
-            mine = [k for k, x in enumerate(ids) if x in position]  # its requests, one row each
-            if [position[ids[k]] for k in mine] != list(range(len(part))):
-                part.select([position[ids[k]] for k in mine])
-            part.rows = [rows[k] for k in mine]
-            part.generated = [[] for _ in mine]
-            part.generators = [torch.Generator().manual_seed(seeds[k]) for k in mine]
-            part.prompt_ids = [ids[k] for k in mine]
-            parts.append(part)
-        for x in ids:
-            prefixes.admitted(x)
-        batch.add(parts)
-        return batch
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+        self.settings = settings
+        self.banned = torch.tensor(banned, dtype=torch.long)
+        self.prompt_lengths = prompt_lengths
 
-    def _prefill(self, prompts: list[tuple], shared: list) -> Part:
-        """One forward over ``prompts``, each row continuing from its shared prefix's states (or None).
-
-        A row is laid out as [padding][prefix][padding][rest of the prompt]; the mask hides both paddings.
-        """
+    def __call__(self, input_ids, scores):
         import torch
-        from transformers import DynamicCache
 
-        lengths = [0 if kv is None else kv[0][0].shape[-2] for kv in shared]
-        rests = [x[n:] for x, n in zip(prompts, lengths)]
-        past, length = max(lengths), max(map(len, rests))
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (length - len(x)) + list(x) for x in rests])
-        mask = torch.tensor([[0] * (past - n) + [1] * n + [0] * (length - len(x)) + [1] * len(x)
-                             for n, x in zip(lengths, rests)])
-        device = self.model.device
-        cache = DynamicCache(config=self.model.config)
-        cache.layers = [GrowingLayer() for _ in cache.layers]
-        if past:
-            layers = []
-            for layer in range(len(cache.layers)):
-                keys, values = (
-                    torch.cat([left_pad(kv[layer][j] if kv else None, past, like=first_states(shared)[layer][j])
-                               for kv in shared])
-                    for j in (0, 1)
-                )
-                layers.append(GrowingLayer(keys, values, spare=length))
-            cache.layers = layers
-        out = self.model(
-            input_ids=input_ids.to(device),
-            attention_mask=mask.to(device),
-            position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, past:].to(device),
-            use_cache=True,
-            logits_to_keep=1,
-            **{cache_argument(type(self.model)): cache},
-        )  # the model fills `cache` in place
-        return Part(layers=cache.layers, mask=mask.to(device), logits=out.logits[:, -1].float(), prompts=list(prompts))
-
-    def _prefill_prefixes(self, todo: list[tuple]) -> dict[tuple, list[tuple]]:
-        """Key/value states of each prefix, [1, heads, length, dim] per layer, without padding."""
-        states = {}
-        for group in length_groups(sorted(todo, key=len, reverse=True), len):
-            part = self._prefill(group, [None] * len(group))
-            length = part.mask.shape[1]
-            for r, x in enumerate(group):
-                start = length - len(x)
-                states[x] = [(layer.keys[r : r + 1, :, start:].clone(), layer.values[r : r + 1, :, start:].clone())
-                             for layer in part.layers]
-        return states
+        seen = None
+        if self.settings.repetition_penalty != 1.0:  # each row's own tokens: its prompt without padding, its output
+            width = max(self.prompt_lengths)
+            seen = [input_ids[r, width - n:] for r, n in enumerate(self.prompt_lengths)]
+        logits = warp(scores.float(), self.settings, self.banned.to(scores.device), seen)
+        # Inverse-CDF sampling: one uniform draw per row from that row's own generator,
+        # then one batched search (torch.multinomial per row costs ~1 ms each).
+        cdf = torch.softmax(logits, dim=-1).cpu().cumsum_(dim=-1)
+        u = torch.cat([torch.rand(1, generator=g) for g in self.generators]) * cdf[:, -1]
+        tokens = torch.searchsorted(cdf, u[:, None]).clamp_(max=cdf.shape[1] - 1).to(scores.device)
+        return torch.full_like(scores, float("-inf")).scatter_(1, tokens, 0.0)
 
 
-def first_states(states: list):
-    return next(kv for kv in states if kv is not None)
+class Stops:
+    """A stopping criterion: each row stops at end-of-sequence, a stop string or the token limit;
+    finished rows are passed to ``report`` (with the tokens generated in the step) as they finish."""
+
+    def __init__(self, tokenizer, rows: list[int], width: int, max_new_tokens: int, report):
+        self.tokenizer = tokenizer
+        self.rows = rows
+        self.width = width
+        self.max_new_tokens = max_new_tokens
+        self.report = report
+        self.finished = [False] * len(rows)
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        new = input_ids[:, self.width:]
+        step = new.shape[1]
+        eos = self.tokenizer.eos_token_id
+        active = self.finished.count(False)
+        done = []
+        for r, row in enumerate(self.rows):
+            if self.finished[r]:
+                continue
+            if int(new[r, -1]) == eos:
+                text = self.tokenizer.decode(new[r, :-1], skip_special_tokens=True)
+                done.append((r, Completion(text, step, True)))
+            elif step >= self.max_new_tokens or any(
+                s in self.tokenizer.decode(new[r, -STOP_WINDOW:]) for s in STOP_STRINGS
+            ):
+                done.append((r, Completion(self.tokenizer.decode(new[r], skip_special_tokens=True), step, False)))
+        for r, _ in done:
+            self.finished[r] = True
+        self.report([(self.rows[r], c) for r, c in done], active)
+        return torch.tensor(self.finished, device=input_ids.device)
 
 
-def left_pad(t, length: int, like):
-    """``t`` ([1, heads, n, dim]) left-padded with zeros to ``length``; None becomes all padding."""
-    import torch.nn.functional as F
+def warp(logits, settings: SamplingSettings, banned, seen: list | None = None):
+    """Next-token logits as sampled from, in vLLM's order: repetition penalty (over ``seen``, each row's
+    prompt and output so far), temperature, banned tokens, top-k, top-p; transformers' own processors do each step."""
+    import torch
+    from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
 
-    if t is None:
-        return like.new_zeros(*like.shape[:2], length, like.shape[-1])
-    return F.pad(t, (0, 0, length - t.shape[-2], 0))
+    if settings.repetition_penalty != 1.0:
+        width = max(map(len, seen))
+        seen = torch.stack([torch.cat([s, s[:1].expand(width - len(s))]) for s in seen])  # repeats: no effect
+        logits = RepetitionPenaltyLogitsProcessor(settings.repetition_penalty)(seen.to(logits.device), logits)
+    logits = (logits / settings.temperature).index_fill_(1, banned, float("-inf"))
+    if settings.top_k:
+        logits = TopKLogitsWarper(settings.top_k)(None, logits)
+    if settings.top_p < 1.0:
+        logits = TopPLogitsWarper(settings.top_p)(None, logits)
+    return logits
