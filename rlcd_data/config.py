@@ -109,10 +109,10 @@ class BuildConfig:
     backend: str = field(
         default="auto",
         metadata={
-            "help": "Generation engine. vllm = vLLM (`pip install 'rlcd-data[vllm]'`); transformers = the built-in "
-            "engine on transformers (needed for 8-/4-bit bitsandbytes on a CPU). auto = vllm on a GPU where it is "
-            "installed and can run the request, transformers on a CPU (measured faster there) and otherwise. "
-            "The build records which one ran.",
+            "help": "Generation engine. vllm = vLLM (`pip install 'rlcd-data[vllm]'`); transformers = transformers' "
+            "generate (needed for 8-/4-bit bitsandbytes on a CPU and for architectures vLLM lacks). auto = vllm "
+            "where it is installed and can run the request (on a CPU too: measured faster there), transformers "
+            "otherwise. The build records which one ran.",
             "choices": BACKENDS,
         },
     )

@@ -6,6 +6,7 @@ import pytest
 
 from rlcd_data.generate import SamplingSettings, TransformersGenerator, request_seed
 
+
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
     from rlcd_data.models import load_causal_lm

@@ -144,7 +144,7 @@ def test_backend_errors_are_one_line(capsys, tmp_path, monkeypatch):
     assert "--backend transformers" in err
     from rlcd_data.generate import backends
 
-    assert backends.choose_backend("auto", "none") == ("vllm", "vLLM is installed")  # on a CPU too: measured faster
+    assert backends.choose_backend("auto", "none") == ("vllm", "vLLM is installed")  # a CPU too: faster there
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     assert backends.choose_backend("auto", "none") == ("vllm", "vLLM is installed")
     monkeypatch.setattr("rlcd_data.generate.vllm_engine.vllm_available", lambda: "vLLM cannot be imported (x)")

@@ -102,7 +102,10 @@ class VLLMEngine:
 
         from vllm import LLM
 
-        logging.getLogger("vllm").setLevel(logging.WARNING)  # start-up chatter; warnings and errors still show
+        # Its start-up logs pages of INFO and WARNING lines about tuning a user cannot act on (Triton, tcmalloc,
+        # eager mode): errors only, here and in the engine's own processes; VLLM_LOGGING_LEVEL overrides.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+        logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"])
         cpu = on_cpu()
         kwargs = dict(
             model=model, dtype=dtype, max_num_seqs=max_num_seqs, tensor_parallel_size=tensor_parallel_size,
@@ -130,7 +133,15 @@ class VLLMEngine:
 
     def close(self) -> None:
         """Stop the engine's processes now (they stop at exit otherwise)."""
-        self.llm.llm_engine.engine_core.shutdown()
+        import logging
+
+        vllm_logger = logging.getLogger("vllm")
+        level = vllm_logger.level
+        vllm_logger.setLevel(max(level, logging.ERROR))  # its shutdown warns that it force-kills what it stops
+        try:
+            self.llm.llm_engine.engine_core.shutdown()
+        finally:
+            vllm_logger.setLevel(level)
 
     def allowed_tokens(self, banned_characters: str) -> list[int] | None:
         """The token whitelist that bans tokens containing ``banned_characters`` (None: no ban)."""
