@@ -151,7 +151,12 @@ def build(
     if generator is None:  # which engine runs is part of the record too (resume refuses another)
         from .generate.backends import choose_backend
 
-        backend, why = choose_backend(config.backend, config.quantization, config.model)
+        # `auto` may choose another engine since the build was interrupted: a resumed build keeps its own.
+        resumed = options.resume and config.backend == "auto"
+        if resumed and (interrupted := _interrupted_backend(shard_dir(out, shard))):
+            backend, why = interrupted, "the engine the interrupted build ran on"
+        else:
+            backend, why = choose_backend(config.backend, config.quantization, config.model)
         config = dataclasses.replace(config, backend=backend)
     # Shard k of n takes examples k, k + n, k + 2n, ...: every shard gets short and long prompts alike.
     pairs = all_pairs if shard is None else all_pairs[shard[0] :: shard[1]]
@@ -273,6 +278,13 @@ def _start_staging(staging: Path, state: dict) -> None:
         write_atomic(staging / STATE_FILE, json.dumps(state, indent=2))
     except OSError as e:
         raise RlcdError(f"{staging}: cannot write ({e.strerror})") from None
+
+
+def _interrupted_backend(staging: Path) -> str | None:
+    """The engine an interrupted build in ``staging`` recorded, if any."""
+    path = staging / STATE_FILE
+    backend = json.loads(path.read_text())["config"].get("backend") if path.is_file() else None
+    return backend if backend in ("transformers", "vllm") else None
 
 
 def _finished_build(out: Path, config: BuildConfig) -> BuildResult | None:

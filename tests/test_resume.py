@@ -341,6 +341,29 @@ def test_auto_dtype_is_recorded_as_what_it_chose_and_a_resume_choosing_otherwise
     assert "dtype `bfloat16`" in (out / "README.md").read_text()
 
 
+def test_resume_with_backend_auto_keeps_the_interrupted_builds_engine(tmp_path, tiny_model_dir, monkeypatch):
+    """`auto` now picks vLLM where a build interrupted earlier ran on transformers: the resume keeps transformers."""
+    import yaml
+
+    from rlcd_data.generate import TransformersGenerator, backends
+
+    config = dict(task="harmless", model=str(tiny_model_dir), prompts=str(prompts_file(tmp_path, n=3)),
+                  output=str(tmp_path / "out"), max_new_tokens=40, dtype="float32")
+    generate = TransformersGenerator.generate
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TransformersGenerator, "generate", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        build(BuildConfig(**config, backend="transformers"), progress=False)
+    monkeypatch.setattr(TransformersGenerator, "generate", generate)
+    monkeypatch.setattr(backends, "choose_backend", lambda *a: ("vllm", "vLLM is installed"))
+    result = build(BuildConfig(**config), RunOptions(resume=True), progress=False)
+    assert result.stats.pairs >= 1
+    assert yaml.safe_load((tmp_path / "out" / "rlcd_build.yaml").read_text())["backend"] == "transformers"
+
+
 def test_a_cpu_build_that_recorded_auto_resumes_as_the_float32_it_ran_in(tmp_path, tiny_model_dir, monkeypatch):
     """Builds started before `auto` was recorded as what it chose saved "auto" (then float32 on CPU):
     they resume in float32, and are refused where auto now means bf16."""

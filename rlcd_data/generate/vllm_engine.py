@@ -68,7 +68,7 @@ def cpu_threads_bind(environ=os.environ) -> str | None:
     """
     if "VLLM_CPU_OMP_THREADS_BIND" in environ or "VLLM_CPU_NUM_OF_RESERVED_CPU" in environ:
         return None
-    cpus = sorted(os.sched_getaffinity(0))
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []  # Linux only
     return ",".join(map(str, cpus)) if 1 < len(cpus) <= SMALL_MACHINE_CPUS else None
 
 
@@ -105,7 +105,7 @@ class VLLMEngine:
         # Its start-up logs pages of INFO and WARNING lines about tuning a user cannot act on (Triton, tcmalloc,
         # eager mode): errors only, here and in the engine's own processes; VLLM_LOGGING_LEVEL overrides.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-        logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"])
+        logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"].upper())
         cpu = on_cpu()
         kwargs = dict(
             model=model, dtype=dtype, max_num_seqs=max_num_seqs, tensor_parallel_size=tensor_parallel_size,
