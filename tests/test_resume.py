@@ -38,6 +38,19 @@ def interrupted_build(tmp_path, fake_generator, labeller=None, **overrides):
     return {**config, **overrides}
 
 
+def interrupt_on_transformers(config: BuildConfig, monkeypatch) -> None:
+    """Start ``config``'s build on the transformers backend and interrupt it in its first generate call."""
+    from rlcd_data.generate import TransformersGenerator
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(TransformersGenerator, "generate", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            build(config, progress=False)
+
+
 def test_resume_generates_only_what_is_missing(tmp_path, fake_generator):
     import datasets
 
@@ -304,7 +317,6 @@ def test_auto_dtype_is_recorded_as_what_it_chose_and_a_resume_choosing_otherwise
     import yaml
 
     from rlcd_data import models
-    from rlcd_data.generate import TransformersGenerator
 
     assert models.resolve_dtype("float32", "none") == "float32"
     monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
@@ -321,15 +333,7 @@ def test_auto_dtype_is_recorded_as_what_it_chose_and_a_resume_choosing_otherwise
         return model, tokenizer, source
 
     monkeypatch.setattr(models, "load_causal_lm", spy)
-    generate = TransformersGenerator.generate
-
-    def interrupt(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(TransformersGenerator, "generate", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        build(BuildConfig(**config), progress=False)
-    monkeypatch.setattr(TransformersGenerator, "generate", generate)
+    interrupt_on_transformers(BuildConfig(**config), monkeypatch)
     monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
     with pytest.raises(RlcdError, match=r"cannot resume: .*dtype: 'bfloat16' -> 'float32'"):
         build(BuildConfig(**config), RunOptions(resume=True), progress=False)
@@ -345,19 +349,11 @@ def test_resume_with_backend_auto_keeps_the_interrupted_builds_engine(tmp_path, 
     """`auto` now picks vLLM where a build interrupted earlier ran on transformers: the resume keeps transformers."""
     import yaml
 
-    from rlcd_data.generate import TransformersGenerator, backends
+    from rlcd_data.generate import backends
 
     config = dict(task="harmless", model=str(tiny_model_dir), prompts=str(prompts_file(tmp_path, n=3)),
                   output=str(tmp_path / "out"), max_new_tokens=40, dtype="float32")
-    generate = TransformersGenerator.generate
-
-    def interrupt(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(TransformersGenerator, "generate", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        build(BuildConfig(**config, backend="transformers"), progress=False)
-    monkeypatch.setattr(TransformersGenerator, "generate", generate)
+    interrupt_on_transformers(BuildConfig(**config, backend="transformers"), monkeypatch)
     monkeypatch.setattr(backends, "choose_backend", lambda *a: ("vllm", "vLLM is installed"))
     result = build(BuildConfig(**config), RunOptions(resume=True), progress=False)
     assert result.stats.pairs >= 1
@@ -370,20 +366,11 @@ def test_a_cpu_build_that_recorded_auto_resumes_as_the_float32_it_ran_in(tmp_pat
     import json
 
     from rlcd_data import models
-    from rlcd_data.generate import TransformersGenerator
     from rlcd_data.staging import STAGING, STATE_FILE
 
     config = dict(task="harmless", model=str(tiny_model_dir), prompts=str(prompts_file(tmp_path, n=3)),
                   output=str(tmp_path / "out"), max_new_tokens=40, backend="transformers")
-    generate = TransformersGenerator.generate
-
-    def interrupt(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(TransformersGenerator, "generate", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        build(BuildConfig(**config, dtype="float32"), progress=False)
-    monkeypatch.setattr(TransformersGenerator, "generate", generate)
+    interrupt_on_transformers(BuildConfig(**config, dtype="float32"), monkeypatch)
     state_file = tmp_path / "out" / STAGING / STATE_FILE
     state = json.loads(state_file.read_text())
     assert state["config"]["dtype"] == "float32"
