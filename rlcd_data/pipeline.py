@@ -148,19 +148,19 @@ def build(
     if options.resume and shard is None and (finished := _finished_build(out, config)) is not None:
         return finished  # a requeued job running the same command again converges on the same dataset
     check_output(out, options.overwrite, options.resume, shard)
+    staging = shard_dir(out, shard)
     if generator is None:  # which engine runs is part of the record too (resume refuses another)
         from .generate.backends import choose_backend
 
         # `auto` may choose another engine since the build was interrupted: a resumed build keeps its own.
         resumed = options.resume and config.backend == "auto"
-        if resumed and (interrupted := _interrupted_backend(shard_dir(out, shard))):
+        if resumed and (interrupted := _interrupted_backend(staging)):
             backend, why = interrupted, "the engine the interrupted build ran on"
         else:
             backend, why = choose_backend(config.backend, config.quantization, config.model)
         config = dataclasses.replace(config, backend=backend)
     # Shard k of n takes examples k, k + n, k + 2n, ...: every shard gets short and long prompts alike.
     pairs = all_pairs if shard is None else all_pairs[shard[0] :: shard[1]]
-    staging = shard_dir(out, shard)
     state = build_state(config, task, all_pairs)
     previous = Parts()
     if options.resume:

@@ -42,7 +42,7 @@ def choose_backend(backend: str, quantization: str, model: str | None = None) ->
         blocker = f"vLLM has no {bits} bitsandbytes on a CPU; use --backend transformers for {bits}, or --quantization none"
     elif bits == "8bit":
         blocker = "vLLM loads bitsandbytes 4-bit only; use --quantization 4bit, or --backend transformers for 8-bit"
-    missing = vllm_available()
+    missing = None if blocker else vllm_available()  # importing vLLM takes seconds: not when it cannot run anyway
     if not blocker and not missing and model and (architecture := unsupported_architecture(_folder(model))):
         blocker = f"vLLM does not run {architecture}; use --backend transformers"
     if backend == "vllm":

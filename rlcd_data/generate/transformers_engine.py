@@ -85,7 +85,8 @@ class TransformersGenerator:
             do_sample=False, max_new_tokens=settings.max_new_tokens, pad_token_id=pad,
             eos_token_id=self.tokenizer.eos_token_id, temperature=None, top_p=None, top_k=None,
         )
-        sampler = SeededSampler(seeds, settings, self._banned[settings.banned_characters], [len(x) for x in ids])
+        banned = torch.tensor(self._banned[settings.banned_characters], dtype=torch.long, device=self.model.device)
+        sampler = SeededSampler(seeds, settings, banned, [len(x) for x in ids])
         stops = Stops(self.tokenizer, rows, width, settings.max_new_tokens, report)
         with torch.inference_mode():
             self.model.generate(
@@ -98,12 +99,12 @@ class SeededSampler:
     """A logits processor that samples each row's next token with that row's own generator and
     leaves it the only finite logit, so greedy decoding takes it."""
 
-    def __init__(self, seeds: list[int], settings: SamplingSettings, banned: list[int], prompt_lengths: list[int]):
+    def __init__(self, seeds: list[int], settings: SamplingSettings, banned, prompt_lengths: list[int]):
         import torch
 
         self.generators = [torch.Generator().manual_seed(s) for s in seeds]
         self.settings = settings
-        self.banned = torch.tensor(banned, dtype=torch.long)
+        self.banned = banned  # token ids, a tensor on the model's device
         self.prompt_lengths = prompt_lengths
 
     def __call__(self, input_ids, scores):
@@ -113,7 +114,7 @@ class SeededSampler:
         if self.settings.repetition_penalty != 1.0:  # each row's own tokens: its prompt without padding, its output
             width = max(self.prompt_lengths)
             seen = [input_ids[r, width - n:] for r, n in enumerate(self.prompt_lengths)]
-        logits = warp(scores.float(), self.settings, self.banned.to(scores.device), seen)
+        logits = warp(scores.float(), self.settings, self.banned, seen)
         # Inverse-CDF sampling: one uniform draw per row from that row's own generator,
         # then one batched search (torch.multinomial per row costs ~1 ms each).
         cdf = torch.softmax(logits, dim=-1).cpu().cumsum_(dim=-1)
