@@ -190,3 +190,22 @@ def make_tiny_llama(folder: Path, smollm2_dir: Path, hidden: int, heads: int, kv
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def with_second_end_of_sequence(source: Path, folder: Path) -> Path:
+    """A copy of a tiny Llama folder whose generation_config.json lists a second end-of-sequence token,
+    ``<|endoftext|>`` (id 0, special), made by far the likeliest next token, as Llama 3 lists <|eot_id|>."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, folder)
+    weights = load_file(folder / "model.safetensors")
+    weights["lm_head.weight"][0, 0] = 10.0  # reads the constant embedding feature: token 0 at every step
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "generation_config.json").read_text())
+    assert config["eos_token_id"] != 0
+    config["eos_token_id"] = [config["eos_token_id"], 0]
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    return folder

@@ -6,6 +6,8 @@ import pytest
 
 from rlcd_data.generate import SamplingSettings, TransformersGenerator, request_seed
 
+from conftest import with_second_end_of_sequence
+
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
@@ -133,6 +135,39 @@ def test_bitsandbytes_quantization_generates_on_cpu(tiny_model_dir, quantization
         PROMPTS[:3], [1, 2, 3], SamplingSettings(max_new_tokens=8)
     )
     assert len(completions) == 3 and all(1 <= c.num_tokens <= 8 for c in completions)
+
+
+def test_sampling_defaults_in_generation_config_do_not_change_outputs(tiny, tiny_model_dir, tmp_path):
+    """transformers' generate() fills unset settings from generation_config.json; our settings alone count."""
+    import json
+    import shutil
+
+    from rlcd_data.models import load_causal_lm
+
+    shutil.copytree(tiny_model_dir, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "generation_config.json").read_text())
+    config.update(do_sample=True, temperature=0.05, top_k=2, repetition_penalty=5.0, no_repeat_ngram_size=1,
+                  min_new_tokens=15, suppress_tokens=[198])
+    (tmp_path / "m" / "generation_config.json").write_text(json.dumps(config))
+    with_defaults, tokenizer, _ = load_causal_lm(str(tmp_path / "m"), quantization="none", dtype="float32")
+    assert with_defaults.generation_config.no_repeat_ngram_size == 1
+    seeds = [request_seed("defaults", i) for i in range(len(PROMPTS))]
+    settings = SamplingSettings(max_new_tokens=20)
+    plain = TransformersGenerator(*tiny, batch_size=3).generate(PROMPTS, seeds, settings)
+    assert any(c.ended for c in plain) and any(c.num_tokens == 20 for c in plain)
+    assert TransformersGenerator(with_defaults, tokenizer, batch_size=3).generate(PROMPTS, seeds, settings) == plain
+    assert with_defaults.generation_config.no_repeat_ngram_size == 1  # the model's own config is left as it was
+
+
+def test_an_end_of_sequence_token_listed_in_generation_config_ends_outputs(tiny_model_dir, tmp_path):
+    from rlcd_data.models import load_causal_lm
+
+    model, tokenizer, _ = load_causal_lm(str(with_second_end_of_sequence(tiny_model_dir, tmp_path / "m")),
+                                         quantization="none", dtype="float32")
+    completions = TransformersGenerator(model, tokenizer, batch_size=2).generate(
+        PROMPTS[:4], [1, 2, 3, 4], SamplingSettings(max_new_tokens=20)
+    )
+    assert [(c.text, c.num_tokens, c.ended) for c in completions] == [("", 1, True)] * 4
 
 
 def test_requests_added_during_a_call_run_in_it(tiny):

@@ -18,6 +18,8 @@ from rlcd_data.generate import SamplingSettings, request_seed
 from rlcd_data.generate.vllm_engine import VLLMGenerator, VLLMLabeller
 from rlcd_data.pipeline import build
 
+from conftest import with_second_end_of_sequence
+
 pytestmark = pytest.mark.vllm
 
 PROMPTS = [f"\n\nHuman: Tell me about topic number {i}.\n\nAssistant:" for i in range(12)]
@@ -81,6 +83,19 @@ def test_stop_string_ends_a_sequence(tmp_path, tiny_vllm_model_dir):
     finally:
         engine.close()
     assert completion.text.endswith("\nHuman") and not completion.ended and completion.num_tokens < 50
+
+
+def test_an_end_of_sequence_token_listed_in_generation_config_ends_outputs(tmp_path, tiny_vllm_model_dir):
+    """vLLM stops at it too, but reports its id as the stop reason: the output still ended (not cut off)."""
+    from rlcd_data.generate.vllm_engine import VLLMEngine
+
+    folder = with_second_end_of_sequence(tiny_vllm_model_dir, tmp_path / "m")
+    engine = VLLMEngine(str(folder), dtype="float32", max_num_seqs=4, kv_cache_gib=0.25)
+    try:
+        completions = VLLMGenerator(engine, "eos").generate(PROMPTS[:4], [1, 2, 3, 4], SamplingSettings(max_new_tokens=20))
+    finally:
+        engine.close()
+    assert [(c.text, c.num_tokens, c.ended) for c in completions] == [("", 1, True)] * 4
 
 
 def test_requests_added_during_a_call_run_in_it(generator):

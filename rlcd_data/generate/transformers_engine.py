@@ -40,6 +40,7 @@ class TransformersGenerator:
         self.batch_size = batch_size
         self.description = description or getattr(model, "name_or_path", "model")
         self._banned: dict[str, list[int]] = {}  # banned characters -> token ids
+        self.eos_ids = end_of_sequence_ids(tokenizer, model.generation_config)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -82,17 +83,23 @@ class TransformersGenerator:
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.model.device)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.model.device)
         config = GenerationConfig(
-            do_sample=False, max_new_tokens=settings.max_new_tokens, pad_token_id=pad,
-            eos_token_id=self.tokenizer.eos_token_id, temperature=None, top_p=None, top_k=None,
+            do_sample=False, max_new_tokens=settings.max_new_tokens, pad_token_id=pad, eos_token_id=self.eos_ids,
         )
         banned = torch.tensor(self._banned[settings.banned_characters], dtype=torch.long, device=self.model.device)
         sampler = SeededSampler(seeds, settings, banned, [len(x) for x in ids])
-        stops = Stops(self.tokenizer, rows, width, settings.max_new_tokens, report)
-        with torch.inference_mode():
-            self.model.generate(
-                input_ids=input_ids, attention_mask=mask, generation_config=config,
-                logits_processor=LogitsProcessorList([sampler]), stopping_criteria=StoppingCriteriaList([stops]),
-            )
+        stops = Stops(self.tokenizer, self.eos_ids, rows, width, settings.max_new_tokens, report)
+        # generate() fills each setting left unset with the model's generation_config.json (a repetition penalty,
+        # no_repeat_ngram_size, a minimum length...): with an empty one there, only our settings shape the
+        # samples, as on vLLM, which takes nothing but end-of-sequence ids from that file.
+        model_defaults, self.model.generation_config = self.model.generation_config, GenerationConfig()
+        try:
+            with torch.inference_mode():
+                self.model.generate(
+                    input_ids=input_ids, attention_mask=mask, generation_config=config,
+                    logits_processor=LogitsProcessorList([sampler]), stopping_criteria=StoppingCriteriaList([stops]),
+                )
+        finally:
+            self.model.generation_config = model_defaults
 
 
 class SeededSampler:
@@ -123,12 +130,21 @@ class SeededSampler:
         return torch.full_like(scores, float("-inf")).scatter_(1, tokens, 0.0)
 
 
+def end_of_sequence_ids(tokenizer, generation_config) -> list[int]:
+    """The tokens that end an output: the tokenizer's end-of-sequence and any the model's
+    generation_config.json lists (e.g. ``<|eot_id|>`` beside ``<|end_of_text|>``), as vLLM stops."""
+    listed = getattr(generation_config, "eos_token_id", None)
+    listed = [listed] if isinstance(listed, int) else list(listed or [])
+    return sorted({tokenizer.eos_token_id, *listed} - {None})
+
+
 class Stops:
     """A stopping criterion: each row stops at end-of-sequence, a stop string or the token limit;
     finished rows are passed to ``report`` (with the tokens generated in the step) as they finish."""
 
-    def __init__(self, tokenizer, rows: list[int], width: int, max_new_tokens: int, report):
+    def __init__(self, tokenizer, eos_ids: list[int], rows: list[int], width: int, max_new_tokens: int, report):
         self.tokenizer = tokenizer
+        self.eos_ids = set(eos_ids)
         self.rows = rows
         self.width = width
         self.max_new_tokens = max_new_tokens
@@ -140,15 +156,13 @@ class Stops:
 
         new = input_ids[:, self.width:]
         step = new.shape[1]
-        eos = self.tokenizer.eos_token_id
         active = self.finished.count(False)
         done = []
         for r, row in enumerate(self.rows):
             if self.finished[r]:
                 continue
-            if int(new[r, -1]) == eos:
-                text = self.tokenizer.decode(new[r, :-1], skip_special_tokens=True)
-                done.append((r, Completion(text, step, True)))
+            if int(new[r, -1]) in self.eos_ids:  # its text, if it is no special token, stays (as on vLLM)
+                done.append((r, Completion(self.tokenizer.decode(new[r], skip_special_tokens=True), step, True)))
             elif step >= self.max_new_tokens or any(
                 s in self.tokenizer.decode(new[r, -STOP_WINDOW:]) for s in STOP_STRINGS
             ):

@@ -238,8 +238,9 @@ class VLLMGenerator:
             done = []
             for output in outputs:
                 sample = output.outputs[0]
-                # "stop" with no stop string matched is the end-of-sequence token
-                ended = sample.finish_reason == "stop" and sample.stop_reason is None
+                # "stop" with no stop string matched is end-of-sequence: the tokenizer's (reason None) or
+                # another that generation_config.json lists, e.g. <|eot_id|> (reason: its token id)
+                ended = sample.finish_reason == "stop" and not isinstance(sample.stop_reason, str)
                 completion = Completion(sample.text, len(sample.token_ids), ended)
                 results[index[output.request_id]] = completion
                 done.append((index[output.request_id], completion))
