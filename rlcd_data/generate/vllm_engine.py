@@ -163,7 +163,8 @@ class VLLMEngine:
 
         def add(request_id, prompt, params):
             ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            engine.add_request(request_id, {"prompt_token_ids": ids}, params)
+            (rendered,) = engine.renderer.render_cmpl([{"prompt_token_ids": ids}])  # the engine's own input form
+            engine.add_request(request_id, rendered, params)
             mine.add(request_id)
 
         for request in requests:
