@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from conftest import with_second_end_of_sequence
 
 from rlcd_data.generate import SamplingSettings, TransformersGenerator, request_seed
-
-from conftest import with_second_end_of_sequence
 
 
 @pytest.fixture(scope="module")
@@ -188,15 +187,27 @@ def test_requests_added_during_a_call_run_in_it(tiny):
     assert len(out) == 3 and out[2] == alone[0]
 
 
-def assert_decoding_matches_plain_forward(model, tokenizer, prompts, monkeypatch) -> None:
+def assert_decoding_matches_plain_forward(model, tokenizer, prompts, monkeypatch, expect_grouped: bool = True) -> None:
     """Every next-token distribution the sampler sees (left-padded rows of different lengths in one
     batch) equals the model's plain forward over that row's prompt and its tokens so far."""
     import torch
 
+    from rlcd_data.generate import transformers_engine
     from rlcd_data.generate.transformers_engine import SeededSampler
 
     seen = []  # (prompt, tokens so far, logits)
     call = SeededSampler.__call__
+    from transformers.integrations import sdpa_attention
+
+    calls = {"ours": 0, "passed on": 0}  # attention calls, and those our function passed to transformers' own
+    ours, theirs = transformers_engine.sdpa_grouped_kv, sdpa_attention.sdpa_attention_forward
+
+    def count(key, function):
+        return lambda *args, **kwargs: (calls.__setitem__(key, calls[key] + 1), function(*args, **kwargs))[1]
+
+    monkeypatch.setattr(transformers_engine, "sdpa_grouped_kv", count("ours", ours))
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", count("passed on", theirs))
+    implementation = model.config._attn_implementation
 
     def spy(self, input_ids, scores):
         width = max(self.prompt_lengths)
@@ -208,6 +219,9 @@ def assert_decoding_matches_plain_forward(model, tokenizer, prompts, monkeypatch
     completions = TransformersGenerator(model, tokenizer, batch_size=6).generate(
         prompts, [request_seed("plain", i) for i in range(len(prompts))], SamplingSettings(max_new_tokens=12)
     )
+    # On a CPU, sdpa models decode with the grouped heads read in place; the plain forward below runs
+    # transformers' own attention again.
+    assert (calls["ours"] > calls["passed on"]) == expect_grouped and model.config._attn_implementation == implementation
     encoded = {tuple(tokenizer(p, add_special_tokens=False)["input_ids"]): p for p in prompts}
     assert {encoded[ids] for ids, _, _ in seen} == set(prompts)
     assert len({len(ids) for ids, _, _ in seen}) > 2  # rows of different lengths shared batches
@@ -225,6 +239,7 @@ def assert_decoding_matches_plain_forward(model, tokenizer, prompts, monkeypatch
 
 def test_decoding_logits_equal_the_models_own_forward(tiny, monkeypatch):
     model, tokenizer = tiny
+    assert model.config._attn_implementation == "sdpa"
     assert_decoding_matches_plain_forward(model, tokenizer, SHARED + PROMPTS[2:], monkeypatch)
 
 
@@ -242,7 +257,7 @@ def tiny_config(name: str, tokenizer, **extra):
 def test_sliding_window_and_soft_capped_models_decode_as_their_own_forward(tiny, monkeypatch, name):
     """A sliding window of 8 tokens, much shorter than the prompts: every layer (Mistral) or every
     other layer (Gemma 2 and 3) sees only the last 8 tokens, in the batch as in the model's own
-    forward; Gemma 2 caps its attention logits too."""
+    forward; Gemma 2 caps its output logits too."""
     import torch
     import transformers
 
@@ -254,7 +269,9 @@ def test_sliding_window_and_soft_capped_models_decode_as_their_own_forward(tiny,
     config = tiny_config(config_class, tokenizer, sliding_window=8, **extra)
     torch.manual_seed(0)
     model = getattr(transformers, f"{name}ForCausalLM")(config).eval()
-    assert_decoding_matches_plain_forward(model, tokenizer, SHARED + PROMPTS[2:], monkeypatch)
+    assert model.config._attn_implementation == "sdpa"
+    # Gemma 2's attention soft cap (which transformers' sdpa leaves out) goes to transformers' own attention.
+    assert_decoding_matches_plain_forward(model, tokenizer, SHARED + PROMPTS[2:], monkeypatch, name != "Gemma2")
 
 
 def greedy_reference(model, tokenizer, prompt: str, max_new_tokens: int, **kwargs) -> str:

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+from conftest import with_second_end_of_sequence
 
 from rlcd_data.chat import ChatRenderer
 from rlcd_data.cli import main
@@ -17,8 +18,6 @@ from rlcd_data.errors import RlcdError
 from rlcd_data.generate import SamplingSettings, request_seed
 from rlcd_data.generate.vllm_engine import VLLMGenerator, VLLMLabeller
 from rlcd_data.pipeline import build
-
-from conftest import with_second_end_of_sequence
 
 pytestmark = pytest.mark.vllm
 

@@ -92,7 +92,11 @@ class TransformersGenerator:
         # no_repeat_ngram_size, a minimum length...): with an empty one there, only our settings shape the
         # samples, as on vLLM, which takes nothing but end-of-sequence ids from that file.
         model_defaults, self.model.generation_config = self.model.generation_config, GenerationConfig()
+        attention = self.model.config._attn_implementation
+        grouped = attention == "sdpa" and self.model.device.type == "cpu"
         try:
+            if grouped:
+                self.model.set_attn_implementation(register_grouped_sdpa())
             with torch.inference_mode():
                 self.model.generate(
                     input_ids=input_ids, attention_mask=mask, generation_config=config,
@@ -100,6 +104,8 @@ class TransformersGenerator:
                 )
         finally:
             self.model.generation_config = model_defaults
+            if grouped:
+                self.model.set_attn_implementation(attention)
 
 
 class SeededSampler:
@@ -128,6 +134,42 @@ class SeededSampler:
         u = torch.cat([torch.rand(1, generator=g) for g in self.generators]) * cdf[:, -1]
         tokens = torch.searchsorted(cdf, u[:, None]).clamp_(max=cdf.shape[1] - 1).to(scores.device)
         return torch.full_like(scores, float("-inf")).scatter_(1, tokens, 0.0)
+
+
+GROUPED_SDPA = "sdpa_grouped_kv"
+
+
+def register_grouped_sdpa() -> str:
+    """Register `sdpa_grouped_kv` with transformers' attention and mask interfaces; returns its name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(GROUPED_SDPA, sdpa_grouped_kv)
+    AttentionMaskInterface.register(GROUPED_SDPA, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    return GROUPED_SDPA
+
+
+def sdpa_grouped_kv(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers' sdpa attention, except that a masked grouped-query attention (padded rows, every
+    decoding step of a batch) reads the shared key/value heads in place instead of copying them per head.
+
+    transformers copies them whenever there is a mask, because CUDA's kernels fall back to the math
+    kernel for a masked ``enable_gqa``; torch's CPU kernels take it. For SmolLM2 (9 query heads on 3
+    key/value heads), 32 rows and 500 cached tokens: 25 ms per layer with the copies, 1.3 ms without
+    (the same output), which was two thirds of a decoding step (docs/generator.md). Anything else
+    (no mask, no groups, position biases, paged caches, a soft cap) goes to transformers' own function.
+    """
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    special = any(kwargs.get(k) is not None for k in ("position_bias", "cache", "softcap"))
+    if attention_mask is None or getattr(module, "num_key_value_groups", 1) == 1 or special:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=True
+    )
+    return out.transpose(1, 2).contiguous(), None
 
 
 def end_of_sequence_ids(tokenizer, generation_config) -> list[int]:
