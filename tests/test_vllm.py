@@ -234,7 +234,12 @@ def test_kill_9_then_resume_gives_the_rows_of_an_uninterrupted_build(tmp_path, t
 
     prompts = hh_dir / "harmless-base-prompts.jsonl"
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    subprocess.run(_args(tiny_vllm_model_dir, prompts, whole), check=True, capture_output=True, timeout=600)
+    first = subprocess.run(_args(tiny_vllm_model_dir, prompts, whole), check=True, capture_output=True, text=True,
+                           timeout=600)
+    # The engine's start shows what a user needs: no INFO lines, deprecation or C++ tuning warnings, loading bars.
+    for noise in (" INFO ", "FutureWarning", "NUMA binding", "Loading safetensors"):
+        assert noise not in first.stderr
+    assert "generating with vllm" in first.stderr
     process = subprocess.Popen(_args(tiny_vllm_model_dir, prompts, cut), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.monotonic() + 300

@@ -14,6 +14,7 @@ prefill is therefore off on CPU (see docs/generator.md).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 from collections.abc import Sequence
@@ -30,8 +31,41 @@ _request_ids = itertools.count()
 SMALL_MACHINE_CPUS = 4
 
 
+def _quiet_logging() -> None:
+    """vLLM logs errors only, in this process and in the engine's (``VLLM_LOGGING_LEVEL`` overrides).
+
+    Its start-up logs pages of INFO and WARNING lines about tuning a user cannot act on (Triton without
+    a CPU backend, tcmalloc, eager mode). The Triton warning comes at import, before vLLM reads that
+    variable: its logger is set before the first import.
+    """
+    import logging
+
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    level = os.environ["VLLM_LOGGING_LEVEL"].upper()
+    logging.getLogger("vllm").setLevel(level)
+    logging.getLogger("vllm.triton_utils.importing").setLevel(level)
+
+
+@contextlib.contextmanager
+def _quiet_engine_processes():
+    """While the engine starts its processes: the C++ warnings and one deprecation warning that their
+    imports print go unshown (unless the user set these variables); this process keeps its settings."""
+    quiet = {
+        "TORCH_CPP_LOG_LEVEL": "ERROR",  # "NUMA binding: Using MEMBIND policy ..."
+        "PYTHONWARNINGS": "ignore::FutureWarning:vllm.triton_utils.dispatcher",  # torch.distributed.reduce_op
+    }
+    added = [k for k in quiet if k not in os.environ]
+    os.environ.update({k: quiet[k] for k in added})
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
 def vllm_available() -> str | None:
     """None if vLLM can be imported here, else why not (one line)."""
+    _quiet_logging()
     try:
         import vllm  # noqa: F401
     except Exception as e:  # ImportError, or a broken torchvision/torchcodec beside a CPU torch
@@ -49,6 +83,7 @@ def unsupported_architecture(model: str) -> str | None:
     config = Path(model) / "config.json"
     if not config.is_file():
         return None
+    _quiet_logging()
     from vllm import ModelRegistry
 
     architectures = json.loads(config.read_text()).get("architectures") or []
@@ -98,18 +133,13 @@ class VLLMEngine:
     def __init__(self, model: str, *, dtype: str = "auto", max_num_seqs: int = 32, tensor_parallel_size: int = 1,
                  kv_cache_gib: float | None = None, seed: int = 0, enforce_eager: bool | None = None,
                  quantization: str | None = None):
-        import logging
-
+        _quiet_logging()
         from vllm import LLM
 
-        # Its start-up logs pages of INFO and WARNING lines about tuning a user cannot act on (Triton, tcmalloc,
-        # eager mode): errors only, here and in the engine's own processes; VLLM_LOGGING_LEVEL overrides.
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-        logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"].upper())
         cpu = on_cpu()
         kwargs = dict(
             model=model, dtype=dtype, max_num_seqs=max_num_seqs, tensor_parallel_size=tensor_parallel_size,
-            enable_prefix_caching=True, seed=seed, disable_log_stats=True,
+            enable_prefix_caching=True, seed=seed, disable_log_stats=True, use_tqdm_on_load=False,
             # labels read the probability of A among {A, B}: logprobs after the token whitelist
             logprobs_mode="processed_logprobs",
             # compiling takes minutes at every start on CPU and its cache does not load back: eager there
@@ -125,7 +155,8 @@ class VLLMEngine:
         elif kv_cache_gib:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
         try:
-            self.llm = LLM(**kwargs)
+            with _quiet_engine_processes():
+                self.llm = LLM(**kwargs)
         except Exception as e:  # vLLM raises RuntimeError/ValueError with long engine logs above
             raise RlcdError(f"vLLM could not start on {model}: {str(e).splitlines()[0]}") from None
         self.tokenizer = self.llm.get_tokenizer()
