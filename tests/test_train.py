@@ -268,6 +268,35 @@ def test_text_reward_cuts_at_human_turn_and_penalises(tiny_reward_model, tiny_mo
     assert out[1, -1, 0].item() == -7.0
 
 
+def test_text_reward_counts_every_end_of_sequence_token_of_the_policy(tiny_reward_model, tiny_model_dir):
+    """A rollout that fills the response budget and ends with an end-of-sequence id the policy's
+    generation_config lists beside its tokenizer's (as Llama 3 lists <|eot_id|>) ended: it is scored."""
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from rlcd_data.reward_model import RewardModel
+    from rlcd_data.train.ppo_reward import reward_adapter_class
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    reward_model = RewardModel.load(tiny_reward_model)
+    prompt = "\n\nHuman: hi?\n\nAssistant:"
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    second = 0  # <|endoftext|>, special, not the tokenizer's end-of-sequence
+    assert second in tok.all_special_ids and second != tok.eos_token_id
+    rows = [prompt_ids + tok(f" {GOOD}", add_special_tokens=False)["input_ids"] + [end]
+            for end in (second, tok.eos_token_id)]
+    ids, mask = torch.tensor(rows), torch.ones(len(rows), len(rows[0]), dtype=torch.long)  # no padding: the budget
+
+    def scores(generation_config):
+        reward = reward_adapter_class()(reward_model, tok, {tuple(prompt_ids): prompt}, -7.0, generation_config)
+        out = getattr(reward, reward.base_model_prefix)(input_ids=ids, attention_mask=mask).hidden_states[-1]
+        return out[:, -1, 0].tolist()
+
+    expected = reward_model.score([prompt + f" {GOOD}"])[0]
+    assert scores(GenerationConfig(eos_token_id=[tok.eos_token_id, second])) == pytest.approx([expected] * 2, rel=1e-5)
+    assert scores(GenerationConfig(eos_token_id=tok.eos_token_id)) == pytest.approx([-7.0, expected], rel=1e-5)
+
+
 def test_ppo_with_an_llm_rater_as_the_reward(tiny_model_dir, tmp_path, capsys):
     """Direct RLAIF: two PPO updates rewarded by the tiny model's 1-10 ratings change the policy, and the
     card names the reward."""

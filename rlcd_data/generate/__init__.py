@@ -53,6 +53,14 @@ def banned_token_ids(tokenizer, characters: str) -> list[int]:
     return [i for i, text in enumerate(texts) if i not in special and any(c in text for c in characters)]
 
 
+def end_of_sequence_ids(tokenizer, generation_config) -> list[int]:
+    """The tokens that end an output: the tokenizer's end-of-sequence and any the model's
+    generation_config.json lists (e.g. ``<|eot_id|>`` beside ``<|end_of_text|>``), as vLLM stops."""
+    listed = getattr(generation_config, "eos_token_id", None)
+    listed = [listed] if isinstance(listed, int) else list(listed or [])
+    return sorted({tokenizer.eos_token_id, *listed} - {None})
+
+
 def request_seed(*parts: object) -> int:
     """A 63-bit seed that depends only on ``parts`` (stable across processes and runs)."""
     return random.Random(":".join(map(str, parts))).getrandbits(63)

@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Sequence
 
 from ..conversation import STOP_STRINGS
-from . import Completion, ProgressCallback, SamplingSettings, banned_token_ids
+from . import Completion, ProgressCallback, SamplingSettings, banned_token_ids, end_of_sequence_ids
 
 # Tokens decoded at each step to look for a stop string; longer than any stop string.
 STOP_WINDOW = 8
@@ -174,14 +174,6 @@ def sdpa_grouped_kv(module, query, key, value, attention_mask, dropout: float = 
         query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=True
     )
     return out.transpose(1, 2).contiguous(), None
-
-
-def end_of_sequence_ids(tokenizer, generation_config) -> list[int]:
-    """The tokens that end an output: the tokenizer's end-of-sequence and any the model's
-    generation_config.json lists (e.g. ``<|eot_id|>`` beside ``<|end_of_text|>``), as vLLM stops."""
-    listed = getattr(generation_config, "eos_token_id", None)
-    listed = [listed] if isinstance(listed, int) else list(listed or [])
-    return sorted({tokenizer.eos_token_id, *listed} - {None})
 
 
 class Stops:

@@ -172,7 +172,8 @@ def train(script: PPOScriptArguments, config, model_args, argv=None, preset=None
     value = AutoModelForSequenceClassification.from_pretrained(value_path, num_labels=1, dtype=dtype)
     value.config.pad_token_id = tokenizer.pad_token_id
     prompt_ids = {tuple(ids): p.text for ids, p in zip(encoded, prompt_set.prompts)}
-    reward = reward_adapter_class()(reward_model, tokenizer, prompt_ids, script.penalty_reward)
+    reward = reward_adapter_class()(reward_model, tokenizer, prompt_ids, script.penalty_reward,
+                                     policy.generation_config)
 
     trainer = PPOTrainer(
         args=config,

@@ -31,6 +31,7 @@ def reward_adapter_class():
     from torch import nn
 
     from ..conversation import extract_response
+    from ..generate import end_of_sequence_ids
 
     class TextReward(nn.Module):
         """A reward (a reward model, or an LLM rater) behind the interface TRL's PPO calls (`get_reward`),
@@ -43,15 +44,19 @@ def reward_adapter_class():
         the next Human turn (the paper's post-processing), scores prompt +
         response with ``reward`` (its ``score_responses(prompts, responses)``, on its own tokenizer), and
         returns that score at every position; a response that did not end, or is empty, gets ``penalty``.
+        A response ends where the policy's ``generate`` stops: at padding, or at an end-of-sequence token of
+        its tokenizer or its ``generation_config`` (e.g. ``<|eot_id|>`` beside ``<|end_of_text|>``).
         """
 
         base_model_prefix = "backbone"
 
-        def __init__(self, reward, policy_tokenizer, prompt_ids: dict[tuple[int, ...], str], penalty: float):
+        def __init__(self, reward, policy_tokenizer, prompt_ids: dict[tuple[int, ...], str], penalty: float,
+                     policy_generation_config=None):
             super().__init__()
             self.scorer = reward
             self.reward = reward.model  # registered, so .to(device) moves it
             self.policy_tokenizer = policy_tokenizer
+            self.eos_ids = set(end_of_sequence_ids(policy_tokenizer, policy_generation_config))
             self.prompts = prompt_ids
             self.lengths = sorted({len(k) for k in prompt_ids}, reverse=True)
             self.penalty = penalty
@@ -65,13 +70,12 @@ def reward_adapter_class():
             raise RuntimeError("a rollout does not start with any training prompt")
 
         def backbone(self, input_ids, attention_mask, **_):
-            eos = self.policy_tokenizer.eos_token_id
             prompts, responses, rows = [], [], []
             rewards = torch.full(input_ids.shape, float(self.penalty), device=input_ids.device)
             for row, (ids, mask) in enumerate(zip(input_ids.tolist(), attention_mask.tolist())):
                 kept = [t for t, m in zip(ids, mask) if m]
                 prompt, response_ids = self.split(kept)
-                ended = not mask[-1] or (bool(kept) and kept[-1] == eos)
+                ended = not mask[-1] or (bool(kept) and kept[-1] in self.eos_ids)
                 text = self.policy_tokenizer.decode(response_ids, skip_special_tokens=True)
                 response = extract_response(text, ended)
                 if response is not None:
