@@ -187,37 +187,7 @@ def test_requests_added_during_a_call_run_in_it(tiny):
     assert len(out) == 3 and out[2] == alone[0]
 
 
-def test_batches_are_refilled_and_continued_rows_keep_their_outputs(tiny, monkeypatch):
-    """Once half a batch has finished, waiting requests take the finished rows' places; unfinished rows
-    go on in the new batch (prefilled again, with their own generators) to the outputs they get without refills."""
-    from rlcd_data.generate import transformers_engine
-    from rlcd_data.generate.transformers_engine import SeededSampler
-
-    model, tokenizer = tiny
-    prompts, seeds, settings = PROMPTS * 3, list(range(18)), SamplingSettings(max_new_tokens=40)
-    batches, decoded = [], []  # each generate call's rows as (request, tokens so far); rows decoded per step
-    run, sample = TransformersGenerator._run, SeededSampler.__call__
-    monkeypatch.setattr(TransformersGenerator, "_run", lambda self, rows, *args: (
-        batches.append([(row.index, len(row.output)) for row in rows]), run(self, rows, *args))[1])
-    monkeypatch.setattr(SeededSampler, "__call__", lambda self, ids, scores: (
-        decoded.append(len(scores)), sample(self, ids, scores))[1])
-
-    refilled = TransformersGenerator(model, tokenizer, batch_size=4).generate(prompts, seeds, settings)
-    refilled_batches, refilled_steps = batches[:], sum(decoded)
-    assert any(so_far > 0 for batch in batches for _, so_far in batch)  # rows were continued
-    assert all(len(batch) == 4 for batch in batches[:-1])  # until the queue ran dry, every batch was full
-    assert sorted({i for batch in batches for i, _ in batch}) == list(range(18))
-
-    batches.clear(), decoded.clear()
-    monkeypatch.setattr(transformers_engine, "REFILL_AT", 2.0)  # never refill: each batch runs to its last row
-    whole = TransformersGenerator(model, tokenizer, batch_size=4).generate(prompts, seeds, settings)
-    assert len(batches) == 5 and not any(so_far for batch in batches for _, so_far in batch)
-    assert refilled == whole
-    assert len(refilled_batches) > len(batches) and refilled_steps < sum(decoded)
-
-
-def assert_decoding_matches_plain_forward(model, tokenizer, prompts, monkeypatch, expect_grouped: bool = True,
-                                          batch_size: int = 6) -> None:
+def assert_decoding_matches_plain_forward(model, tokenizer, prompts, monkeypatch, expect_grouped: bool = True) -> None:
     """Every next-token distribution the sampler sees (left-padded rows of different lengths in one
     batch) equals the model's plain forward over that row's prompt and its tokens so far."""
     import torch
@@ -240,33 +210,28 @@ def assert_decoding_matches_plain_forward(model, tokenizer, prompts, monkeypatch
     implementation = model.config._attn_implementation
 
     def spy(self, input_ids, scores):
-        width = max(self.input_lengths)  # a row's tokens: its prompt, and its output so far (if refilled, in part)
-        seen.extend((tuple(row[width - n :].tolist()), logits.float().clone())
-                    for row, n, logits in zip(input_ids, self.input_lengths, scores))
+        width = max(self.prompt_lengths)
+        seen.extend((tuple(row[width - n : width].tolist()), tuple(row[width:].tolist()), logits.float().clone())
+                    for row, n, logits in zip(input_ids, self.prompt_lengths, scores))
         return call(self, input_ids, scores)
 
     monkeypatch.setattr(SeededSampler, "__call__", spy)
-    completions = TransformersGenerator(model, tokenizer, batch_size=batch_size).generate(
+    completions = TransformersGenerator(model, tokenizer, batch_size=6).generate(
         prompts, [request_seed("plain", i) for i in range(len(prompts))], SamplingSettings(max_new_tokens=12)
     )
     # On a CPU, sdpa models decode with the grouped heads read in place; the plain forward below runs
     # transformers' own attention again.
     assert (calls["ours"] > calls["passed on"]) == expect_grouped and model.config._attn_implementation == implementation
     encoded = {tuple(tokenizer(p, add_special_tokens=False)["input_ids"]): p for p in prompts}
-
-    def prompt_of(tokens):
-        return next((ids, p) for ids, p in encoded.items() if tokens[: len(ids)] == ids)
-
-    assert {prompt_of(tokens)[1] for tokens, _ in seen} == set(prompts)
-    assert len({len(prompt_of(tokens)[0]) for tokens, _ in seen}) > 2  # rows of different lengths shared batches
+    assert {encoded[ids] for ids, _, _ in seen} == set(prompts)
+    assert len({len(ids) for ids, _, _ in seen}) > 2  # rows of different lengths shared batches
     lengths = {p: c.num_tokens for p, c in zip(prompts, completions)}
     checked = 0
     with torch.inference_mode():
-        for tokens, logits in seen:
-            ids, prompt = prompt_of(tokens)
-            if len(tokens) - len(ids) >= lengths[prompt]:
+        for ids, so_far, logits in seen:
+            if len(so_far) >= lengths[encoded[ids]]:
                 continue  # the row had finished: padding, not sampled from
-            plain = model(input_ids=torch.tensor([list(tokens)])).logits[0, -1].float()
+            plain = model(input_ids=torch.tensor([list(ids + so_far)])).logits[0, -1].float()
             torch.testing.assert_close(logits, plain, atol=5e-5, rtol=1e-5)
             checked += 1
     assert checked > len(prompts) * 5
@@ -276,8 +241,6 @@ def test_decoding_logits_equal_the_models_own_forward(tiny, monkeypatch):
     model, tokenizer = tiny
     assert model.config._attn_implementation == "sdpa"
     assert_decoding_matches_plain_forward(model, tokenizer, SHARED + PROMPTS[2:], monkeypatch)
-    # Rows continued in a refilled batch are prefilled with their output so far: the same logits.
-    assert_decoding_matches_plain_forward(model, tokenizer, SHARED + PROMPTS[2:], monkeypatch, batch_size=3)
 
 
 def tiny_config(name: str, tokenizer, **extra):

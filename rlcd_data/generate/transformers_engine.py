@@ -14,40 +14,21 @@ On a CPU, models on transformers' ``sdpa`` attention decode with `sdpa_grouped_k
 which is the same attention without per-head copies of grouped key/value heads
 (2.5x the pairs/s for SmolLM2).
 
-Requests run in batches of ``batch_size``, longest prompts first (similar lengths
-share a batch, and an out-of-memory error shows at once). Batches are refilled:
-once ``REFILL_AT`` of a batch's rows have finished and requests are waiting
-(more prompts, or retries the caller adds during the call), ``generate`` stops
-and starts again with the unfinished rows continued (prompt and tokens so far,
-the same random generators, so their outputs do not change) and waiting
-requests in the finished rows' places. The restart prefills the continued rows
-again, which costs far less than decoding finished rows to the batch's end
-(docs/generator.md has the measurement).
+Requests run in batches of ``batch_size``, longest first (similar lengths
+share a batch, and an out-of-memory error shows at once); requests the caller
+adds during the call (retries of failed outputs) run in a later batch.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 from ..conversation import STOP_STRINGS
 from . import Completion, ProgressCallback, SamplingSettings, banned_token_ids, end_of_sequence_ids
 
 # Tokens decoded at each step to look for a stop string; longer than any stop string.
 STOP_WINDOW = 8
-# The share of a batch's rows that must have finished before it is refilled with waiting requests.
-REFILL_AT = 0.5
-
-
-@dataclass
-class Row:
-    """One request in flight: its prompt, its tokens so far and its own random generator."""
-
-    index: int  # into the call's requests
-    prompt: list[int]
-    generator: object  # torch.Generator, seeded with the request's seed
-    output: list[int] = field(default_factory=list)
 
 
 class TransformersGenerator:
@@ -77,8 +58,6 @@ class TransformersGenerator:
     ) -> list[Completion]:
         if settings.banned_characters not in self._banned:
             self._banned[settings.banned_characters] = banned_token_ids(self.tokenizer, settings.banned_characters)
-        import torch
-
         encoded = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         seeds = list(seeds)
         results: list[Completion | None] = [None] * len(prompts)
@@ -93,32 +72,26 @@ class TransformersGenerator:
                 results.append(None)
                 queue.append(len(encoded) - 1)
 
-        running: list[Row] = []
-        while queue or running:
-            while queue and len(running) < self.batch_size:
-                i = queue.popleft()
-                running.append(Row(i, encoded[i], torch.Generator().manual_seed(seeds[i])))
-            running = self._run(running, settings, report, lambda: len(queue))
+        while queue:
+            rows = [queue.popleft() for _ in range(min(self.batch_size, len(queue)))]
+            self._run(rows, [encoded[i] for i in rows], [seeds[i] for i in rows], settings, report)
         return results  # type: ignore[return-value]
 
-    def _run(self, rows: list[Row], settings: SamplingSettings, report, waiting) -> list[Row]:
-        """One ``generate`` call over a left-padded batch; returns the rows it left unfinished to refill the
-        batch (it stops early once ``REFILL_AT`` of the rows have finished and ``waiting()`` is not 0)."""
+    def _run(self, rows: list[int], ids: list[list[int]], seeds: list[int], settings: SamplingSettings, report):
+        """One ``generate`` call over a left-padded batch."""
         import torch
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
-        ids = [row.prompt + row.output for row in rows]
         width = max(map(len, ids))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.model.device)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.model.device)
         config = GenerationConfig(
-            do_sample=False, max_new_tokens=settings.max_new_tokens - min(len(row.output) for row in rows),
-            pad_token_id=pad, eos_token_id=self.eos_ids,
+            do_sample=False, max_new_tokens=settings.max_new_tokens, pad_token_id=pad, eos_token_id=self.eos_ids,
         )
         banned = torch.tensor(self._banned[settings.banned_characters], dtype=torch.long, device=self.model.device)
-        sampler = SeededSampler([row.generator for row in rows], settings, banned, [len(x) for x in ids])
-        stops = Stops(self.tokenizer, self.eos_ids, rows, width, settings.max_new_tokens, report, waiting)
+        sampler = SeededSampler(seeds, settings, banned, [len(x) for x in ids])
+        stops = Stops(self.tokenizer, self.eos_ids, rows, width, settings.max_new_tokens, report)
         # generate() fills each setting left unset with the model's generation_config.json (a repetition penalty,
         # no_repeat_ngram_size, a minimum length...): with an empty one there, only our settings shape the
         # samples, as on vLLM, which takes nothing but end-of-sequence ids from that file.
@@ -129,7 +102,7 @@ class TransformersGenerator:
             if grouped:
                 self.model.set_attn_implementation(register_grouped_sdpa())
             with torch.inference_mode():
-                sequences = self.model.generate(
+                self.model.generate(
                     input_ids=input_ids, attention_mask=mask, generation_config=config,
                     logits_processor=LogitsProcessorList([sampler]), stopping_criteria=StoppingCriteriaList([stops]),
                 )
@@ -137,29 +110,27 @@ class TransformersGenerator:
             self.model.generation_config = model_defaults
             if grouped:
                 self.model.set_attn_implementation(attention)
-        unfinished = [r for r, finished in enumerate(stops.finished) if not finished]
-        for r in unfinished:
-            rows[r].output += sequences[r, width:].tolist()
-        return [rows[r] for r in unfinished]
 
 
 class SeededSampler:
     """A logits processor that samples each row's next token with that row's own generator and
     leaves it the only finite logit, so greedy decoding takes it."""
 
-    def __init__(self, generators: list, settings: SamplingSettings, banned, input_lengths: list[int]):
-        self.generators = generators  # one torch.Generator per row
+    def __init__(self, seeds: list[int], settings: SamplingSettings, banned, prompt_lengths: list[int]):
+        import torch
+
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
         self.settings = settings
         self.banned = banned  # token ids, a tensor on the model's device
-        self.input_lengths = input_lengths  # each row's tokens before this call, without padding
+        self.prompt_lengths = prompt_lengths
 
     def __call__(self, input_ids, scores):
         import torch
 
         seen = None
         if self.settings.repetition_penalty != 1.0:  # each row's own tokens: its prompt without padding, its output
-            width = max(self.input_lengths)
-            seen = [input_ids[r, width - n:] for r, n in enumerate(self.input_lengths)]
+            width = max(self.prompt_lengths)
+            seen = [input_ids[r, width - n:] for r, n in enumerate(self.prompt_lengths)]
         logits = warp(scores.float(), self.settings, self.banned, seen)
         # Inverse-CDF sampling: one uniform draw per row from that row's own generator,
         # then one batched search (torch.multinomial per row costs ~1 ms each).
@@ -207,41 +178,36 @@ def sdpa_grouped_kv(module, query, key, value, attention_mask, dropout: float = 
 
 class Stops:
     """A stopping criterion: each row stops at end-of-sequence, a stop string or the token limit;
-    finished rows are passed to ``report`` (with the tokens generated in the step) as they finish.
-    The whole batch stops once ``REFILL_AT`` of its rows have finished and ``waiting()`` is not 0."""
+    finished rows are passed to ``report`` (with the tokens generated in the step) as they finish."""
 
-    def __init__(self, tokenizer, eos_ids: list[int], rows: list[Row], width: int, max_new_tokens: int, report,
-                 waiting=lambda: 0):
+    def __init__(self, tokenizer, eos_ids: list[int], rows: list[int], width: int, max_new_tokens: int, report):
         self.tokenizer = tokenizer
         self.eos_ids = set(eos_ids)
         self.rows = rows
-        self.starts = [width - len(row.output) for row in rows]  # where each row's output starts in input_ids
         self.width = width
         self.max_new_tokens = max_new_tokens
         self.report = report
-        self.waiting = waiting
         self.finished = [False] * len(rows)
 
     def __call__(self, input_ids, scores, **kwargs):
         import torch
 
+        new = input_ids[:, self.width:]
+        step = new.shape[1]
         active = self.finished.count(False)
         done = []
-        for r, start in enumerate(self.starts):
+        for r, row in enumerate(self.rows):
             if self.finished[r]:
                 continue
-            new = input_ids[r, start:]
-            if int(new[-1]) in self.eos_ids:  # its text, if it is no special token, stays (as on vLLM)
-                done.append((r, Completion(self.tokenizer.decode(new, skip_special_tokens=True), len(new), True)))
-            elif len(new) >= self.max_new_tokens or any(
-                s in self.tokenizer.decode(new[-STOP_WINDOW:]) for s in STOP_STRINGS
+            if int(new[r, -1]) in self.eos_ids:  # its text, if it is no special token, stays (as on vLLM)
+                done.append((r, Completion(self.tokenizer.decode(new[r], skip_special_tokens=True), step, True)))
+            elif step >= self.max_new_tokens or any(
+                s in self.tokenizer.decode(new[r, -STOP_WINDOW:]) for s in STOP_STRINGS
             ):
-                done.append((r, Completion(self.tokenizer.decode(new, skip_special_tokens=True), len(new), False)))
+                done.append((r, Completion(self.tokenizer.decode(new[r], skip_special_tokens=True), step, False)))
         for r, _ in done:
             self.finished[r] = True
-        self.report([(self.rows[r].index, c) for r, c in done], active)
-        if self.finished.count(True) >= REFILL_AT * len(self.rows) and self.waiting():
-            return torch.ones(len(self.rows), dtype=torch.bool, device=input_ids.device)  # refill the batch
+        self.report([(self.rows[r], c) for r, c in done], active)
         return torch.tensor(self.finished, device=input_ids.device)
 
 
