@@ -199,12 +199,11 @@ class Stops:
         for r, row in enumerate(self.rows):
             if self.finished[r]:
                 continue
-            if int(new[r, -1]) in self.eos_ids:  # its text, if it is no special token, stays (as on vLLM)
-                done.append((r, Completion(self.tokenizer.decode(new[r], skip_special_tokens=True), step, True)))
-            elif step >= self.max_new_tokens or any(
+            ended = int(new[r, -1]) in self.eos_ids  # its text, if it is no special token, stays (as on vLLM)
+            if ended or step >= self.max_new_tokens or any(
                 s in self.tokenizer.decode(new[r, -STOP_WINDOW:]) for s in STOP_STRINGS
             ):
-                done.append((r, Completion(self.tokenizer.decode(new[r], skip_special_tokens=True), step, False)))
+                done.append((r, Completion(self.tokenizer.decode(new[r], skip_special_tokens=True), step, ended)))
         for r, _ in done:
             self.finished[r] = True
         self.report([(self.rows[r], c) for r, c in done], active)
