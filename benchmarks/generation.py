@@ -1,7 +1,7 @@
 """Generation throughput: the released RLCD loop's behaviour vs `rlcd-data build` on its two engines.
 
     .venv/bin/python benchmarks/generation.py [--prompts 64] [--max-new-tokens 300]
-                    [--dtype float32 bfloat16] [--runs 1] [--only a b c] [--vllm-threads-bind CPUS] [--vllm-compile]
+                    [--dtype float32 bfloat16] [--runs 1] [--only a b c d] [--vllm-threads-bind CPUS] [--vllm-compile]
 
 Each generator runs in its own process on the same prompts, model and settings (the paper's text format,
 temperature 1, as the released loop samples):
@@ -15,7 +15,9 @@ temperature 1, as the released loop samples):
     Its OpenMP threads are bound as the build binds them (every CPU on a small machine);
     `--vllm-threads-bind auto` measures vLLM's own binding instead.
     Eager by default on a CPU; `--vllm-compile` compiles instead, the first run with an empty compile
-    cache (cold start), later runs with the cache the first one wrote (warm start).
+    cache (cold start), later runs with the cache the first one wrote (warm start);
+(d) (c) without the watcher process that ends the engine's processes when the build is killed
+    (`rlcd_data/generate/reaper.py`): `--only c d` measures what the watcher costs.
 
 Reports completed pairs per second, useful tokens per second (tokens kept after the cut), tokens
 generated, peak resident memory (for (c) summed over the engine's processes), the ratios to (a), and
@@ -129,9 +131,19 @@ def run_vllm(args) -> dict:
 
     import psutil
 
+    from rlcd_data.generate import vllm_engine
     from rlcd_data.generate.vllm_engine import VLLMEngine, VLLMGenerator
     from rlcd_data.models import resolve_model
     from rlcd_data.pipeline import build
+
+    if args.child == "d":
+        class NoWatcher:
+            def __init__(self):
+                pass
+
+            engine_started = close = __init__
+
+        vllm_engine.Reaper = NoWatcher
 
     peak = [0]
     running = [True]
@@ -186,7 +198,7 @@ def ceiling(args) -> dict:
 
 
 def child(args) -> None:
-    result = {"a": run_baseline, "b": run_build, "c": run_vllm, "ceiling": ceiling}[args.child](args)
+    result = {"a": run_baseline, "b": run_build, "c": run_vllm, "d": run_vllm, "ceiling": ceiling}[args.child](args)
     result["peak_rss_mb"] = result.pop("tree_peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print("RESULT " + json.dumps(result))
 
@@ -212,7 +224,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--hh", default=str(HH_PROMPTS))
     parser.add_argument("--runs", type=int, default=1)
-    parser.add_argument("--only", nargs="+", choices=["a", "b", "c"], help="run only these (ratios need a)")
+    parser.add_argument("--only", nargs="+", choices=["a", "b", "c", "d"],
+                        help="run only these (ratios need a; (c)/(d) needs both)")
     parser.add_argument("--vllm-threads-bind", metavar="CPUS",
                         help="(c) VLLM_CPU_OMP_THREADS_BIND, e.g. auto for vLLM's own binding (it leaves one CPU to "
                              "its scheduler); default: as the build binds them")
@@ -239,7 +252,7 @@ def measure(args) -> None:
         compile_cache["VLLM_CPU_OMP_THREADS_BIND"] = args.vllm_threads_bind
     for run in range(args.runs):
         for which in runs:
-            r = spawn(args, which, compile_cache if which == "c" else None)
+            r = spawn(args, which, compile_cache if which in "cd" else None)
             runs[which].append(r)
             rate = r["generated_tokens"] / r["seconds"]
             start = ""
@@ -257,6 +270,8 @@ def measure(args) -> None:
         if "a" in pps and w in pps:
             print(f"ratio ({w})/(a): pairs/s {pps[w] / pps['a']:.2f}, "
                   f"peak RSS {med[w]['peak_rss_mb'] / med['a']['peak_rss_mb']:.2f}", flush=True)
+    if "c" in pps and "d" in pps:
+        print(f"ratio (c)/(d), the watcher's cost: pairs/s {pps['c'] / pps['d']:.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -209,3 +209,41 @@ def with_second_end_of_sequence(source: Path, folder: Path) -> Path:
     config["eos_token_id"] = [config["eos_token_id"], 0]
     (folder / "generation_config.json").write_text(json.dumps(config))
     return folder
+
+
+def one_token_copy(source: Path, folder: Path) -> Path:
+    """A copy of model folder ``source`` (its files linked, not copied) whose generation_config.json lists every
+    token with visible text as an end of sequence: each output is blank tokens, if any, then one visible token
+    that ends it. A test with a real model then gets ended, non-empty outputs whatever this CPU samples (its
+    kernels round differently from the next CPU's), and only what the engines do with them is asserted."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    folder.mkdir(parents=True)
+    for file in source.iterdir():
+        if file.name != "generation_config.json":
+            (folder / file.name).symlink_to(file.resolve())
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    config = json.loads((source / "generation_config.json").read_text())
+    config["eos_token_id"] = [i for i, text in enumerate(texts) if text.strip()]
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def one_token_cache(tmp_path_factory) -> Callable[[str], Path]:
+    """``one_token_cache(name)``: an rlcd-data cache (for ``RLCD_DATA_CACHE``) in which the embedded model
+    ``name`` is its `one_token_copy`, so a build by the model's name ends every output."""
+    root = tmp_path_factory.mktemp("one-token-cache")
+
+    def cache(name: str) -> Path:
+        from rlcd_data.models import EMBEDDED, embedded_model_dir
+
+        target = root / "models" / EMBEDDED[name].folder
+        if not target.is_dir():
+            one_token_copy(embedded_model_dir(name), target)
+        return root
+
+    return cache

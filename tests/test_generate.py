@@ -47,6 +47,20 @@ def test_output_depends_on_seed_not_on_batch_or_order(tiny):
     assert other_seed != alone
 
 
+def test_the_tiny_models_chance_to_end_is_what_the_sampling_tests_rely_on(tiny):
+    """Tests that sample from the tiny model count on it ending a step with a chance of a few percent, in
+    any context: whatever this CPU draws, outputs then end often enough within 24-40 tokens that a build
+    with retries drops an example with a chance below 1e-3, and some still run into a limit of 12.
+    That chance is a property of the weights (conftest.make_tiny_llama), checked here on its logits."""
+    import torch
+
+    model, tokenizer = tiny
+    ids = tokenizer("".join(PROMPTS) + " and some more words of a sampled answer" * 8, return_tensors="pt").input_ids
+    with torch.no_grad():
+        chance = torch.softmax(model(ids).logits[0].float(), dim=-1)[:, tokenizer.eos_token_id]
+    assert 0.03 < chance.min() and chance.max() < 0.15, (chance.min(), chance.max())
+
+
 CONTEXT = "\n\nHuman: My neighbour keeps parking in front of my garage and I cannot get my car out. What should I do?"
 SHARED = [  # p+/p- style: a long common prefix, then different final tags (and one unrelated prompt)
     CONTEXT + "\n\nAssistant (harmless response):",
@@ -269,8 +283,9 @@ def test_sliding_window_and_soft_capped_models_decode_as_their_own_forward(tiny,
     config = tiny_config(config_class, tokenizer, sliding_window=8, **extra)
     torch.manual_seed(0)
     model = getattr(transformers, f"{name}ForCausalLM")(config).eval()
-    assert model.config._attn_implementation == "sdpa"
-    # Gemma 2's attention soft cap (which transformers' sdpa leaves out) goes to transformers' own attention.
+    # Gemma 2's attention soft cap (which transformers' sdpa leaves out) goes to transformers' own attention:
+    # sdpa there falls back to it, and transformers 5.25 picks eager attention for it from the start.
+    assert model.config._attn_implementation == "sdpa" or name == "Gemma2"
     assert_decoding_matches_plain_forward(model, tokenizer, SHARED + PROMPTS[2:], monkeypatch, name != "Gemma2")
 
 

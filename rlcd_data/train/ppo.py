@@ -73,10 +73,24 @@ class PPOScriptArguments:
     )
 
 
-def make_parser():
+def require_ppo() -> None:
+    """Raise a one-line `RlcdError` unless the installed TRL has PPO (``trl.experimental.ppo``, trl <= 1.12)."""
+    import importlib.util
     import os
+    from importlib.metadata import version
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # PPO lives in trl.experimental in trl 1.12
+    try:
+        found = importlib.util.find_spec("trl.experimental.ppo") is not None
+    except ModuleNotFoundError:  # no trl.experimental at all
+        found = False
+    if not found:
+        raise RlcdError(f"train ppo: trl {version('trl')} has no PPO (TRL removed it after 1.12); "
+                        "pip install 'rlcd-data[ppo]' (trl>=1.12,<1.13) brings it back")
+
+
+def make_parser():
+    require_ppo()
     from trl import ModelConfig, TrlParser
     from trl.experimental.ppo import PPOConfig
 
