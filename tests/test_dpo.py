@@ -139,7 +139,8 @@ def test_conversational_pairs_train_and_the_policy_loads_in_eval_policy(tiny_mod
     prompts.write_text("".join(json.dumps({"prompt": f"Tell me about number {i}."}) + "\n" for i in range(3)))
     capsys.readouterr()
     assert main(["eval", "policy", "--policy", str(out), "--reward-model", str(rm), "--prompts", str(prompts),
-                 "--max-new-tokens", "8", "--json", "--backend", "transformers"]) == 0
+                 "--max-new-tokens", "8", "--samples", str(tmp_path / "samples.jsonl"), "--json",
+                 "--backend", "transformers"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["prompts"] == 3 and report["base"] == str(tiny_model_dir) and report["prompt_format"] == "chat"
     assert 0 <= report["policy_win_rate"] <= 1
