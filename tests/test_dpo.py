@@ -165,3 +165,33 @@ def test_bad_input_is_one_line(row, message, tmp_path, capsys, tiny_model_dir):
     assert main(dpo_args(bad, tiny_model_dir, tmp_path / "o")) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_hh_rlhf_pairs_with_the_prompt_inside_train(tiny_model_dir, hh_dir, tmp_path, capsys):
+    """An HH-RLHF .jsonl file (no prompt column: the prompt is the shared start of chosen and rejected)."""
+    out = tmp_path / "dpo-hh"
+    assert main(dpo_args(hh_dir / "harmless-base-validation.jsonl", tiny_model_dir, out, "--limit", "8",
+                         "--max_steps", "1")) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["pairs"] == 8 and metrics["steps"] == 1
+
+
+@pytest.mark.parametrize("bits, layer", [("8", "Linear8bitLt"), ("4", "Linear4bit")])
+def test_quantized_lora_policy_trains_on_cpu(tiny_model_dir, tmp_path, monkeypatch, bits, layer):
+    """--load_in_8bit/--load_in_4bit --use_peft: a bitsandbytes base on the CPU; the adapter folder is saved."""
+    from rlcd_data.train.dpo import soft_label_classes
+
+    trainer_cls, _ = soft_label_classes()
+    trained_layers = set()
+    original_train = trainer_cls.train
+
+    def train_and_record_layers(self, *args, **kwargs):
+        trained_layers.update(type(m).__name__ for m in self.model.modules())
+        return original_train(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_cls, "train", train_and_record_layers)
+    out = tmp_path / f"dpo-{bits}bit"
+    assert main(dpo_args(toy_pairs(tmp_path / "p.jsonl", n=8), tiny_model_dir, out, "--max_steps", "1",
+                         "--use_peft", f"--load_in_{bits}bit")) == 0
+    assert layer in trained_layers and (out / "adapter_config.json").exists()
+    assert f"load_in_{bits}bit: true" in (out / "README.md").read_text()

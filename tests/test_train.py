@@ -36,7 +36,7 @@ def ppo_args(reward_model, policy, prompts, out, batch, response_length, learnin
     return [
         "train", "ppo", "--reward_model", str(reward_model), "--policy", str(policy), "--prompts", str(prompts),
         "--output_dir", str(out), "--preset", "ppo-cpu", "--per_device_train_batch_size", str(batch),
-        "--local_rollout_forward_batch_size", str(batch), "--response_length", str(response_length), "--steps", "2",
+        "--gradient_accumulation_steps", "1", "--local_rollout_forward_batch_size", str(batch), "--response_length", str(response_length), "--steps", "2",
         "--learning_rate", str(learning_rate), "--disable_tqdm", "true", *extra,
     ]
 
@@ -525,3 +525,31 @@ def test_ppo_on_a_trl_without_it_names_the_extra_that_brings_it_back(capsys, mon
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert "has no PPO (TRL removed it after 1.12); pip install 'rlcd-data[ppo]'" in err
+
+
+def test_ppo_gradient_checkpointing_covers_policy_and_value_but_not_rollouts(tiny_reward_model, tiny_model_dir,
+                                                                              tmp_path, capsys, monkeypatch):
+    """TRL's PPOTrainer leaves --gradient_checkpointing unapplied; the recipe applies it to both trained models
+    and lifts it while the policy generates rollouts (it would turn their KV cache off)."""
+    from transformers import GenerationMixin
+    from trl.experimental.ppo import PPOTrainer
+
+    seen = {"generating": set()}
+    real_train, real_generate = PPOTrainer.train, GenerationMixin.generate
+
+    def train(self, *args, **kwargs):
+        seen["training"] = (self.model.policy.is_gradient_checkpointing, self.model.value_model.is_gradient_checkpointing)
+        return real_train(self, *args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        seen["generating"].add(self.is_gradient_checkpointing)
+        return real_generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(PPOTrainer, "train", train)
+    monkeypatch.setattr(GenerationMixin, "generate", generate)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say {i}."}) + "\n" for i in range(4)))
+    assert main(ppo_args(tiny_reward_model, tiny_model_dir, prompts, tmp_path / "ppo", 2, 8, "1e-3",
+                         "--gradient_checkpointing", "true", "--prompt_format", "text")) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ppo_updates"] == 2
+    assert seen["training"] == (True, True) and seen["generating"] == {False}

