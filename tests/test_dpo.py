@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_train import BAD, GOOD, toy_pairs
+from test_train import BAD, GOOD, record_trained_layers, toy_pairs
 
 from rlcd_data.cli import main
 
@@ -181,15 +181,7 @@ def test_quantized_lora_policy_trains_on_cpu(tiny_model_dir, tmp_path, monkeypat
     """--load_in_8bit/--load_in_4bit --use_peft: a bitsandbytes base on the CPU; the adapter folder is saved."""
     from rlcd_data.train.dpo import soft_label_classes
 
-    trainer_cls, _ = soft_label_classes()
-    trained_layers = set()
-    original_train = trainer_cls.train
-
-    def train_and_record_layers(self, *args, **kwargs):
-        trained_layers.update(type(m).__name__ for m in self.model.modules())
-        return original_train(self, *args, **kwargs)
-
-    monkeypatch.setattr(trainer_cls, "train", train_and_record_layers)
+    trained_layers = record_trained_layers(monkeypatch, soft_label_classes()[0])
     out = tmp_path / f"dpo-{bits}bit"
     assert main(dpo_args(toy_pairs(tmp_path / "p.jsonl", n=8), tiny_model_dir, out, "--max_steps", "1",
                          "--use_peft", f"--load_in_{bits}bit")) == 0

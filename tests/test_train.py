@@ -32,6 +32,19 @@ def reward_args(dataset, model, out, *extra):
     ]
 
 
+def record_trained_layers(monkeypatch, trainer_cls) -> set[str]:
+    """The class names of the modules ``trainer_cls`` trains, filled in when its ``train`` runs."""
+    layers: set[str] = set()
+    original_train = trainer_cls.train
+
+    def train_and_record_layers(self, *args, **kwargs):
+        layers.update(type(m).__name__ for m in self.model.modules())
+        return original_train(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_cls, "train", train_and_record_layers)
+    return layers
+
+
 def ppo_args(reward_model, policy, prompts, out, batch, response_length, learning_rate, *extra):
     return [
         "train", "ppo", "--reward_model", str(reward_model), "--policy", str(policy), "--prompts", str(prompts),
@@ -445,15 +458,7 @@ def test_quantized_lora_reward_model_trains_on_cpu_and_loads(tiny_model_dir, tmp
     from rlcd_data.reward_model import RewardModel
     from rlcd_data.train.reward import soft_label_classes
 
-    trainer_cls, _ = soft_label_classes()
-    trained_layers = set()
-    original_train = trainer_cls.train
-
-    def train_and_record_layers(self, *args, **kwargs):
-        trained_layers.update(type(m).__name__ for m in self.model.modules())
-        return original_train(self, *args, **kwargs)
-
-    monkeypatch.setattr(trainer_cls, "train", train_and_record_layers)
+    trained_layers = record_trained_layers(monkeypatch, soft_label_classes()[0])
     out = tmp_path / f"rm-{bits}bit"
     args = reward_args(toy_pairs(tmp_path / "p.jsonl", n=8), tiny_model_dir, out, "--max_steps", "2",
                        "--use_peft", f"--load_in_{bits}bit")

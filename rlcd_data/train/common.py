@@ -72,6 +72,20 @@ def run(trainer) -> tuple[object, float]:
     return result, time.perf_counter() - start
 
 
+def save_trained(trainer, tokenizer, output_dir: str, quantized: bool):
+    """Save a trained model with its tokenizer: LoRA merged into a plain model (what `eval` and PPO load),
+    except on a quantized base, whose LoRA adapter is saved on its own (load it with peft).
+    Returns the model as saved."""
+    model = trainer.model
+    if hasattr(model, "merge_and_unload") and not quantized:
+        model = model.merge_and_unload()
+        model.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
+    else:
+        trainer.save_model(output_dir)
+    return model
+
+
 def finish(output_dir: str, *, recipe: str, base: str, dataset: str, metrics: dict, configs: tuple, preset: str | None,
            argv: list[str] | None, pipeline_tag: str, settings: dict | None = None) -> dict:
     """Write the model card and record of a trained model (settings: those differing from the defaults of

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from ..errors import RlcdError
 from ..pairs import SOFT_LABEL_COLUMN
 from . import common
+from .soft_labels import SoftLabelColumn, soft_label_collator
 
 
 @dataclass
@@ -43,39 +44,16 @@ class DPOScriptArguments(common.ScriptArguments):
 @functools.cache
 def soft_label_classes():
     """(SoftLabelDPOTrainer, SoftLabelCollator), defined on first use so importing this module stays light."""
-    import torch
     from trl import DPOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
     from trl.trainer.utils import selective_log_softmax
 
-    @dataclass
-    class SoftLabelCollator(DataCollatorForPreference):
-        """TRL's preference collator, also passing the soft-label column as a float tensor."""
-
-        soft_label_column: str = SOFT_LABEL_COLUMN
-
-        def torch_call(self, examples):
-            probabilities = [e.pop(self.soft_label_column) for e in examples if self.soft_label_column in e]
-            batch = super().torch_call(examples)
-            if probabilities:
-                batch[self.soft_label_column] = torch.tensor(probabilities, dtype=torch.float)
-            return batch
-
-    class SoftLabelDPOTrainer(DPOTrainer):
+    class SoftLabelDPOTrainer(SoftLabelColumn, DPOTrainer):
         """DPOTrainer whose loss adds ``(1 - p) beta h`` per pair when the batch carries soft labels.
 
         TRL computes the sigmoid loss and its logging on the same forward pass; the
         reference log-probabilities are precomputed, so ``h`` needs the policy's only.
         """
-
-        def __init__(self, *args, soft_label_column: str = SOFT_LABEL_COLUMN, **kwargs):
-            self.soft_label_column = soft_label_column
-            super().__init__(*args, **kwargs)
-
-        def _set_signature_columns_if_needed(self):
-            super()._set_signature_columns_if_needed()
-            if self.soft_label_column not in self._signature_columns:
-                self._signature_columns = [*self._signature_columns, self.soft_label_column]
 
         def compute_ref_log_probs(self, model, inputs):
             return super().compute_ref_log_probs(model, _without(inputs, self.soft_label_column))
@@ -96,7 +74,7 @@ def soft_label_classes():
         per_token = selective_log_softmax(logits[..., :-1, :], input_ids[..., 1:])
         return (per_token * completion_mask[..., 1:]).sum(dim=1)
 
-    return SoftLabelDPOTrainer, SoftLabelCollator
+    return SoftLabelDPOTrainer, soft_label_collator(DataCollatorForPreference)
 
 
 def _without(inputs: dict, key: str) -> dict:
@@ -206,14 +184,8 @@ def train(script: DPOScriptArguments, config, model_args, argv=None, preset=None
     """
     trainer, tokenizer, base, soft, conversational = make_trainer(script, config, model_args)
     result, seconds = common.run(trainer)
-    model = trainer.model
-    if hasattr(model, "merge_and_unload") and not (model_args.load_in_8bit or model_args.load_in_4bit):
-        # LoRA: save the merged policy, so `eval policy` and generation load a plain causal LM
-        model = model.merge_and_unload()
-        model.save_pretrained(config.output_dir)
-        tokenizer.save_pretrained(config.output_dir)
-    else:  # a quantized base keeps its LoRA adapter separate (load it with peft)
-        trainer.save_model(config.output_dir)
+    common.save_trained(trainer, tokenizer, config.output_dir,
+                        quantized=bool(model_args.load_in_8bit or model_args.load_in_4bit))
 
     history = [h for h in trainer.state.log_history if "loss" in h]
     metrics = {

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from ..errors import RlcdError
 from ..pairs import SOFT_LABEL_COLUMN
 from . import common
+from .soft_labels import SoftLabelColumn, soft_label_collator
 
 
 @dataclass
@@ -46,34 +47,12 @@ def soft_label_classes():
     from trl import RewardTrainer
     from trl.trainer.reward_trainer import DataCollatorForPreference
 
-    @dataclass
-    class SoftLabelCollator(DataCollatorForPreference):
-        """TRL's preference collator, also passing the soft-label column as a float tensor."""
-
-        soft_label_column: str = SOFT_LABEL_COLUMN
-
-        def torch_call(self, examples):
-            probabilities = [e.pop(self.soft_label_column) for e in examples if self.soft_label_column in e]
-            batch = super().torch_call(examples)
-            if probabilities:
-                batch[self.soft_label_column] = torch.tensor(probabilities, dtype=torch.float)
-            return batch
-
-    class SoftLabelRewardTrainer(RewardTrainer):
+    class SoftLabelRewardTrainer(SoftLabelColumn, RewardTrainer):
         """RewardTrainer with binary cross-entropy on soft labels when the batch carries them.
 
         TRL's logging (accuracy, margin, rewards) is kept: the parent computes
         it on the same forward pass; only the loss is replaced.
         """
-
-        def __init__(self, *args, soft_label_column: str = SOFT_LABEL_COLUMN, **kwargs):
-            self.soft_label_column = soft_label_column
-            super().__init__(*args, **kwargs)
-
-        def _set_signature_columns_if_needed(self):
-            super()._set_signature_columns_if_needed()
-            if self.soft_label_column not in self._signature_columns:
-                self._signature_columns = [*self._signature_columns, self.soft_label_column]
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             probability = inputs.pop(self.soft_label_column, None)
@@ -85,7 +64,7 @@ def soft_label_classes():
                     loss = loss + self.args.center_rewards_coefficient * torch.mean((chosen + rejected) ** 2)
             return (loss, outputs) if return_outputs else loss
 
-    return SoftLabelRewardTrainer, SoftLabelCollator
+    return SoftLabelRewardTrainer, soft_label_collator(DataCollatorForPreference)
 
 
 def soft_label_loss(chosen, rejected, probability):
@@ -169,14 +148,7 @@ def train(script: RewardScriptArguments, training, model_args, argv=None, preset
                 parameter.data = parameter.data.float()
     dropped = len(dataset) - len(trainer.train_dataset)
     result, seconds = common.run(trainer)
-    model = trainer.model
-    if hasattr(model, "merge_and_unload") and quantization is None:
-        # LoRA: save the merged model, so eval and PPO load a plain reward model
-        model = model.merge_and_unload()
-        model.save_pretrained(training.output_dir)
-        tokenizer.save_pretrained(training.output_dir)
-    else:  # a quantized base keeps its LoRA adapter separate (load it with peft)
-        trainer.save_model(training.output_dir)
+    model = common.save_trained(trainer, tokenizer, training.output_dir, quantized=quantization is not None)
 
     history = [h for h in trainer.state.log_history if "loss" in h]
     metrics = {
