@@ -63,16 +63,23 @@ def soft_label_classes():
             inputs = _without(inputs, self.soft_label_column)
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True)
             if probability is not None:
-                logps = sequence_logps(outputs.logits, inputs["input_ids"], inputs["completion_mask"])
+                logps = sequence_logps(model, outputs, inputs)
                 chosen, rejected = logps.chunk(2, dim=0)
                 h = (chosen - inputs["ref_chosen_logps"]) - (rejected - inputs["ref_rejected_logps"])
                 loss = loss + ((1 - probability.to(h.dtype)) * self.beta * h).mean()
             return (loss, outputs) if return_outputs else loss
 
-    def sequence_logps(logits, input_ids, completion_mask):
-        """Summed log-probabilities of each sequence's completion tokens, as TRL's DPO computes them."""
-        per_token = selective_log_softmax(logits[..., :-1, :], input_ids[..., 1:])
-        return (per_token * completion_mask[..., 1:]).sum(dim=1)
+    def sequence_logps(model, outputs, inputs):
+        """Summed log-probabilities of each sequence's completion tokens, as TRL's DPO computes them, from the
+        logits of its forward pass. trl >= 1.13 projects through a fused head whose logits carry no gradient:
+        then the policy runs once more for them."""
+        import torch
+
+        logits = outputs.logits
+        if torch.is_grad_enabled() and not logits.requires_grad:
+            logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False).logits
+        per_token = selective_log_softmax(logits[..., :-1, :], inputs["input_ids"][..., 1:])
+        return (per_token * inputs["completion_mask"][..., 1:]).sum(dim=1)
 
     return SoftLabelDPOTrainer, soft_label_collator(DataCollatorForPreference)
 
