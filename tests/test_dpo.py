@@ -144,6 +144,13 @@ def test_conversational_pairs_train_and_the_policy_loads_in_eval_policy(tiny_mod
     report = json.loads(capsys.readouterr().out)
     assert report["prompts"] == 3 and report["base"] == str(tiny_model_dir) and report["prompt_format"] == "chat"
     assert 0 <= report["policy_win_rate"] <= 1
+    # and by an LLM judge, both orders, with the judge's figures in the policy's card
+    assert main(["eval", "policy", "--policy", str(out), "--judge", str(tiny_model_dir), "--prompts", str(prompts),
+                 "--max-new-tokens", "8", "--samples", str(tmp_path / "judged.jsonl"), "--json",
+                 "--backend", "transformers"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["judge"] == str(tiny_model_dir) and 0 <= report["judge_win_rate"] <= 1
+    assert report["base"] == str(tiny_model_dir) and "judge_win_rate" in (out / "README.md").read_text()
 
 
 def test_lora_policy_is_saved_merged(tiny_model_dir, tmp_path):
