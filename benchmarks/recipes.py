@@ -26,7 +26,7 @@ HH = REPO.parent / "shared" / "data" / "hh-rlhf"
 
 
 def run(args: list[str]) -> tuple[dict, float]:
-    """Run `rlcd-data ARGS` in a child process; (its last JSON line, its peak RSS in MB).
+    """Run `rlcd-data ARGS` in a child process; (its last JSON line, its peak RSS in MiB).
 
     The child runs under a process of its own that reports the peak of its children alone
     (getrusage keeps the largest child ever waited for).
@@ -71,10 +71,10 @@ def main() -> None:
                                  "--max_steps", str(args.steps), "--disable_tqdm", "true", *args.extra])
             per = metrics["seconds_per_step"]
             rows.append(("dpo (dpo-cpu)", f"{args.prompts} HH pairs", peak, f"{per:.1f} s/step"))
-        print(f"{rows[-1][0]}: {args.model}, {rows[-1][1]}, peak RSS {peak:.0f} MB, {rows[-1][3]}", flush=True)
+        print(f"{rows[-1][0]}: {args.model}, {rows[-1][1]}, peak RSS {peak:.0f} MiB, {rows[-1][3]}", flush=True)
     print("\n| recipe | policy | data | peak RSS | time |\n|---|---|---|---|---|")
     for recipe, data, peak, per in rows:
-        print(f"| {recipe} | {args.model} | {data} | {peak / 1024:.1f} GB | {per} |")
+        print(f"| {recipe} | {args.model} | {data} | {peak / 1024:.1f} GiB | {per} |")
 
 
 if __name__ == "__main__":

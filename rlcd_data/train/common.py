@@ -72,6 +72,39 @@ def run(trainer) -> tuple[object, float]:
     return result, time.perf_counter() - start
 
 
+def load_tokenizer(base: str, path: str):
+    """The tokenizer of base model ``base`` (at ``path``).
+
+    Raises:
+        RlcdError: it cannot be loaded.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise RlcdError(f"cannot load tokenizer of {base!r}: {str(e).splitlines()[0]}") from None
+
+
+def quantization_config(model_args):
+    """TRL's bitsandbytes config for ``--load_in_8bit``/``--load_in_4bit`` (None without), its log noise quiet."""
+    from trl import get_quantization_config
+
+    from ..models import silence_bitsandbytes
+
+    quantization = get_quantization_config(model_args)
+    if quantization is not None:
+        silence_bitsandbytes()
+    return quantization
+
+
+def trainable_in_float32(trainer) -> None:
+    """TRL casts a quantized model's trainable (LoRA, head) weights to bf16 for GPUs; a CPU computes in fp32."""
+    for parameter in trainer.model.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
+
+
 def save_trained(trainer, tokenizer, output_dir: str, quantized: bool):
     """Save a trained model with its tokenizer: LoRA merged into a plain model (what `eval` and PPO load),
     except on a quantized base, whose LoRA adapter is saved on its own (load it with peft).

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from ..errors import RlcdError
 from ..pairs import SOFT_LABEL_COLUMN
 from . import common
-from .soft_labels import SoftLabelColumn, soft_label_collator
+from .soft_labels import SoftLabelColumn, pair_dataset, soft_label_collator
 
 
 @dataclass
@@ -129,37 +129,19 @@ def make_trainer(script: DPOScriptArguments, config, model_args):
         RlcdError: missing dataset or model, not a pair dataset, soft labels out of [0, 1], soft labels with
             a loss other than TRL's sigmoid.
     """
-    from transformers import AutoTokenizer
-    from trl import get_peft_config, get_quantization_config
-
-    from ..models import silence_bitsandbytes
-    from ..pairs import load_pairs
+    from trl import get_peft_config
 
     base, path = common.base_model("dpo", script, model_args)
-    dataset = load_pairs(script.dataset, script.split, script.limit)
-    soft = script.soft_label_column in dataset.column_names and not script.hard_labels
+    dataset, soft = pair_dataset(script, check_soft_labels)
     if soft:
-        check_soft_labels(dataset, script.soft_label_column)
         if list(config.loss_type) != ["sigmoid"] or config.f_divergence_type != "reverse_kl" or config.ld_alpha:
             raise RlcdError("train dpo: soft labels train with the sigmoid loss of standard DPO only; "
                             "pass --hard_labels to use another --loss_type")
         config.precompute_ref_log_probs = True  # the soft term reads the reference log-probabilities
-    keep = ["prompt", "chosen", "rejected"] + ([script.soft_label_column] if soft else [])
-    dataset = dataset.remove_columns([c for c in dataset.column_names if c not in keep])
     conversational = isinstance(dataset[0]["chosen"], list)
-    if "prompt" in dataset.column_names and not conversational:
-        from ..output import to_standard
-
-        dataset = dataset.map(to_standard)  # "Assistant:" + "Sure" -> "Assistant: Sure", as builds write it
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as e:
-        raise RlcdError(f"cannot load tokenizer of {base!r}: {str(e).splitlines()[0]}") from None
-    common.pad_with(tokenizer)
+    tokenizer = common.pad_with(common.load_tokenizer(base, path))
     config.model_init_kwargs = {"dtype": model_args.dtype} if model_args.dtype else None
-    quantization = get_quantization_config(model_args)
-    if quantization is not None:
-        silence_bitsandbytes()
+    quantization = common.quantization_config(model_args)
     trainer_cls, collator_cls = soft_label_classes()
     trainer = trainer_cls(
         model=path,
@@ -173,10 +155,7 @@ def make_trainer(script: DPOScriptArguments, config, model_args):
         soft_label_column=script.soft_label_column,
     )
     if quantization is not None and config.use_cpu:
-        # TRL casts a quantized model's trainable (LoRA) weights to bf16 for GPUs; the CPU computes in fp32.
-        for parameter in trainer.model.parameters():
-            if parameter.requires_grad:
-                parameter.data = parameter.data.float()
+        common.trainable_in_float32(trainer)
     return trainer, tokenizer, base, soft, conversational
 
 

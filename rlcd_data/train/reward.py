@@ -17,10 +17,9 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
-from ..errors import RlcdError
 from ..pairs import SOFT_LABEL_COLUMN
 from . import common
-from .soft_labels import SoftLabelColumn, soft_label_collator
+from .soft_labels import SoftLabelColumn, pair_dataset, soft_label_collator
 
 
 @dataclass
@@ -100,34 +99,17 @@ def train(script: RewardScriptArguments, training, model_args, argv=None, preset
     Raises:
         RlcdError: missing dataset or model, not a pair dataset.
     """
-    from transformers import AutoTokenizer
-    from trl import get_peft_config, get_quantization_config
-
-    from ..models import silence_bitsandbytes
-    from ..pairs import load_pairs
+    from trl import get_peft_config
 
     base, path = common.base_model("reward", script, model_args)
-    dataset = load_pairs(script.dataset, script.split, script.limit)
-    soft = script.soft_label_column in dataset.column_names and not script.hard_labels
-    keep = ["prompt", "chosen", "rejected"] + ([script.soft_label_column] if soft else [])
-    dataset = dataset.remove_columns([c for c in dataset.column_names if c not in keep])
-    if "prompt" in dataset.column_names and isinstance(dataset[0]["prompt"], str):
-        from ..output import to_standard
-
-        dataset = dataset.map(to_standard)  # "Assistant:" + "Sure" -> "Assistant: Sure", as builds write it
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as e:
-        raise RlcdError(f"cannot load tokenizer of {base!r}: {str(e).splitlines()[0]}") from None
+    dataset, soft = pair_dataset(script)
+    tokenizer = common.load_tokenizer(base, path)
     if tokenizer.eos_token is None:  # encoders: end every text with [SEP], as the eval does
         from ..reward_model import end_token
 
         training.eos_token = end_token(tokenizer)
     training.model_init_kwargs = {"dtype": model_args.dtype} if model_args.dtype else None
-    quantization = get_quantization_config(model_args)
-    if quantization is not None:
-        silence_bitsandbytes()
+    quantization = common.quantization_config(model_args)
 
     trainer_cls, collator_cls = soft_label_classes()
     common.pad_with(tokenizer, tokenizer.eos_token or training.eos_token)
@@ -142,10 +124,7 @@ def train(script: RewardScriptArguments, training, model_args, argv=None, preset
         soft_label_column=script.soft_label_column,
     )
     if quantization is not None and training.use_cpu:
-        # TRL casts a quantized model's trainable (LoRA, head) weights to bf16 for GPUs; the CPU computes in fp32.
-        for parameter in trainer.model.parameters():
-            if parameter.requires_grad:
-                parameter.data = parameter.data.float()
+        common.trainable_in_float32(trainer)
     dropped = len(dataset) - len(trainer.train_dataset)
     result, seconds = common.run(trainer)
     model = common.save_trained(trainer, tokenizer, training.output_dir, quantized=quantization is not None)
