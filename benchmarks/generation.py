@@ -43,21 +43,21 @@ HH_PROMPTS = REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-prompt
 def load(args):
     import logging
 
-    from rlcd_data.models import load_causal_lm
+    from rlcd_data.generate.models import load_causal_lm
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
     return load_causal_lm(args.model, "none", args.dtype)
 
 
 def contrast_pairs(args):
-    from rlcd_data.pipeline import prepare
+    from rlcd_data.pipeline.plan import prepare
 
     return prepare(config(args, output="-")).pairs
 
 
 def config(args, **fields):
     """The build every arm runs: the paper's text format at temperature 1 (the released loop's setting)."""
-    from rlcd_data.config import BuildConfig
+    from rlcd_data.pipeline.config import BuildConfig
 
     return BuildConfig(task="harmless", prompts=str(args.hh), limit=args.prompts, max_new_tokens=args.max_new_tokens,
                        batch_size=args.batch_size, prompt_format="text", temperature=1.0, **fields)
@@ -67,8 +67,8 @@ def run_baseline(args) -> dict:
     """(a) The released loop's behaviour."""
     import torch
 
-    from rlcd_data.conversation import extract_response
     from rlcd_data.generate import PAPER_BANNED_CHARACTERS, banned_token_ids
+    from rlcd_data.tasks.conversation import extract_response
 
     model, tok, _ = load(args)
     pairs = contrast_pairs(args)
@@ -109,7 +109,7 @@ def run_baseline(args) -> dict:
 def run_build(args) -> dict:
     """(b) rlcd-data build's generator, through the build pipeline."""
     from rlcd_data.generate import TransformersGenerator
-    from rlcd_data.pipeline import build
+    from rlcd_data.pipeline.run import build
 
     model, tok, source = load(args)
     out = Path(tempfile.mkdtemp()) / "out"
@@ -132,9 +132,9 @@ def run_vllm(args) -> dict:
     import psutil
 
     from rlcd_data.generate import vllm_engine
+    from rlcd_data.generate.models import resolve_model
     from rlcd_data.generate.vllm_engine import VLLMEngine, VLLMGenerator
-    from rlcd_data.models import resolve_model
-    from rlcd_data.pipeline import build
+    from rlcd_data.pipeline.run import build
 
     if args.child == "d":
         class NoWatcher:

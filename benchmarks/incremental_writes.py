@@ -41,9 +41,9 @@ def main(argv=None) -> None:
     parser.add_argument("--real-pairs-per-second", type=float, default=0.07)
     args = parser.parse_args(argv)
 
-    from rlcd_data import pipeline
-    from rlcd_data.config import BuildConfig
-    from rlcd_data.staging import PartWriter
+    from rlcd_data.pipeline import run as pipeline
+    from rlcd_data.pipeline.config import BuildConfig
+    from rlcd_data.pipeline.staging import PartWriter
 
     real_seconds = args.pairs / args.real_pairs_per_second
     with tempfile.TemporaryDirectory() as tmp:

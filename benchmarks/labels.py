@@ -33,11 +33,11 @@ def rescore(folder: Path, limit: int | None, both_orders: bool, batch_size: int)
     import datasets
     import yaml
 
-    from rlcd_data.config import BuildConfig
-    from rlcd_data.labeller import TransformersLabeller
-    from rlcd_data.methods import METHODS, label_rows
-    from rlcd_data.models import load_causal_lm
-    from rlcd_data.tasks import load_task
+    from rlcd_data.generate.labeller import TransformersLabeller
+    from rlcd_data.generate.models import load_causal_lm
+    from rlcd_data.pipeline.config import BuildConfig
+    from rlcd_data.pipeline.methods import METHODS, label_rows
+    from rlcd_data.tasks.catalog import load_task
 
     config = BuildConfig(**yaml.safe_load((folder / "rlcd_build.yaml").read_text()))
     rows = datasets.load_dataset(str(folder), split="train").to_list()[:limit]

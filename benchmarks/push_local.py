@@ -26,9 +26,9 @@ from huggingface_hub import constants  # noqa: E402
 
 constants.HF_HUB_OFFLINE = False  # only loopback is reached: the fake Hub's endpoint is passed explicitly
 
-from rlcd_data.config import BuildConfig  # noqa: E402
 from rlcd_data.hub import push  # noqa: E402
-from rlcd_data.pipeline import build  # noqa: E402
+from rlcd_data.pipeline.config import BuildConfig  # noqa: E402
+from rlcd_data.pipeline.run import build  # noqa: E402
 
 
 def main(argv=None) -> None:

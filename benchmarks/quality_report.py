@@ -33,8 +33,9 @@ def main() -> None:
                 a, b = rows[i % len(rows)], rows[(i * 7 + 1 + i // len(rows)) % len(rows)]
                 f.write(json.dumps({"chosen": a["chosen"], "rejected": b["rejected"]}) + "\n")
 
-        from rlcd_data import plots, quality
-        from rlcd_data.report import load
+        from rlcd_data.quality import measures as quality
+        from rlcd_data.quality import plots
+        from rlcd_data.quality.report import load
 
         start = time.perf_counter()
         _, data = load(str(folder))

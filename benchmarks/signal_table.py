@@ -55,7 +55,7 @@ def reward_model_agreement(folder: Path, validation: str, work: Path) -> float:
 
 
 def row(folder: Path, judge: str | None, validation: str | None, work: Path) -> dict:
-    from rlcd_data.report import inspect_dataset
+    from rlcd_data.quality.report import inspect_dataset
 
     config = yaml.safe_load((folder / "rlcd_build.yaml").read_text())
     counts = card_counts(folder)

@@ -6,22 +6,23 @@
 Heavy libraries (torch, transformers, datasets) are imported only when used.
 """
 
-from .config import BuildConfig, RunOptions
 from .errors import RlcdError
+from .pipeline.config import BuildConfig
+from .pipeline.run_options import RunOptions
 
 __version__ = "0.1.0"
 
 
 def build(config, options=None, generator=None, progress=True, labeller=None):
     """Build a dataset; see `rlcd_data.pipeline.build`."""
-    from .pipeline import build as _build
+    from .pipeline.run import build as _build
 
     return _build(config, options, generator=generator, progress=progress, labeller=labeller)
 
 
 def load_task(name, templates_dir=None):
     """Load a task by name; see `rlcd_data.tasks.load_task`."""
-    from .tasks import load_task as _load_task
+    from .tasks.catalog import load_task as _load_task
 
     return _load_task(name, templates_dir)
 

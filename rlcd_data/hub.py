@@ -6,9 +6,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import CONFIG_FILENAME, read_config_file
 from .errors import RlcdError
-from .plots import IMAGES
+from .pipeline.config import CONFIG_FILENAME, read_config_file
+from .quality.plots import IMAGES
 
 LOGIN_HINT = "pass --token, set HF_TOKEN, or log in with `hf auth login`"
 # Card metadata the build computes; everything else an owner put on the Hub card survives a push.

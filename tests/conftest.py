@@ -123,7 +123,7 @@ def queue_generator():
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The embedded SmolLM2-135M-Instruct, converted once into the rlcd-data cache."""
-    from rlcd_data.models import embedded_model_dir
+    from rlcd_data.generate.models import embedded_model_dir
 
     return embedded_model_dir()
 
@@ -239,7 +239,7 @@ def one_token_cache(tmp_path_factory) -> Callable[[str], Path]:
     root = tmp_path_factory.mktemp("one-token-cache")
 
     def cache(name: str) -> Path:
-        from rlcd_data.models import EMBEDDED, embedded_model_dir
+        from rlcd_data.generate.models import EMBEDDED, embedded_model_dir
 
         target = root / "models" / EMBEDDED[name].folder
         if not target.is_dir():

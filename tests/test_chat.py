@@ -9,10 +9,10 @@ import pytest
 import yaml
 
 from rlcd_data import BuildConfig, RunOptions, build
-from rlcd_data.chat import ChatRenderer, resolve_format
 from rlcd_data.cli import main
 from rlcd_data.errors import RlcdError
-from rlcd_data.tasks import list_tasks, load_task
+from rlcd_data.tasks.catalog import list_tasks, load_task
+from rlcd_data.tasks.chat import ChatRenderer, resolve_format
 
 MULTI = "\n\nHuman: Hi\n\nAssistant: Hello! How can I help?\n\nHuman: Tell me a mean joke.\n\nAssistant:"
 

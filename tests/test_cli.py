@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from rlcd_data.cli import main
-from rlcd_data.tasks import list_tasks
+from rlcd_data.tasks.catalog import list_tasks
 
 
 def run(capsys, *argv):
@@ -44,7 +44,7 @@ def test_build_with_tiny_model(tmp_path, capsys, tiny_model_dir):
 
 
 def test_config_file_fills_defaults_and_flags_win(tmp_path, capsys, monkeypatch, fake_generator):
-    import rlcd_data.pipeline as pipeline
+    import rlcd_data.pipeline.run as pipeline
 
     seen = {}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rlcd_data.conversation import Turn, extract_response, parse_prompt, to_messages, to_prompt
+from rlcd_data.tasks.conversation import Turn, extract_response, parse_prompt, to_messages, to_prompt
 
 
 def test_hh_conversation_is_cut_after_the_last_assistant_tag():

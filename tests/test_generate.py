@@ -10,7 +10,7 @@ from rlcd_data.generate import SamplingSettings, TransformersGenerator, request_
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    from rlcd_data.models import load_causal_lm
+    from rlcd_data.generate.models import load_causal_lm
 
     # fp32: the exactness checks compare against the model's own forward at fp32 tolerances
     model, tokenizer, _ = load_causal_lm(str(tiny_model_dir), quantization="none", dtype="float32")
@@ -128,7 +128,7 @@ def test_stop_string_ends_a_sequence(tiny):
 def test_other_dtypes_generate(tiny_model_dir, dtype):
     import torch
 
-    from rlcd_data.models import load_causal_lm
+    from rlcd_data.generate.models import load_causal_lm
 
     model, tokenizer, _ = load_causal_lm(str(tiny_model_dir), quantization="none", dtype=dtype)
     assert model.dtype == getattr(torch, dtype)
@@ -140,7 +140,7 @@ def test_other_dtypes_generate(tiny_model_dir, dtype):
 
 @pytest.mark.parametrize("quantization, layer", [("8bit", "Linear8bitLt"), ("4bit", "Linear4bit")])
 def test_bitsandbytes_quantization_generates_on_cpu(tiny_model_dir, quantization, layer):
-    from rlcd_data.models import load_causal_lm
+    from rlcd_data.generate.models import load_causal_lm
 
     model, tokenizer, _ = load_causal_lm(str(tiny_model_dir), quantization=quantization)
     assert type(model.model.layers[0].mlp.up_proj).__name__ == layer
@@ -155,7 +155,7 @@ def test_sampling_defaults_in_generation_config_do_not_change_outputs(tiny, tiny
     import json
     import shutil
 
-    from rlcd_data.models import load_causal_lm
+    from rlcd_data.generate.models import load_causal_lm
 
     shutil.copytree(tiny_model_dir, tmp_path / "m")
     config = json.loads((tmp_path / "m" / "generation_config.json").read_text())
@@ -173,7 +173,7 @@ def test_sampling_defaults_in_generation_config_do_not_change_outputs(tiny, tiny
 
 
 def test_an_end_of_sequence_token_listed_in_generation_config_ends_outputs(tiny_model_dir, tmp_path):
-    from rlcd_data.models import load_causal_lm
+    from rlcd_data.generate.models import load_causal_lm
 
     model, tokenizer, _ = load_causal_lm(str(with_second_end_of_sequence(tiny_model_dir, tmp_path / "m")),
                                          quantization="none", dtype="float32")

@@ -12,10 +12,10 @@ import pytest
 import yaml
 from fake_hub import FakeHub
 
-from rlcd_data.config import BuildConfig
 from rlcd_data.errors import RlcdError
 from rlcd_data.hub import push
-from rlcd_data.pipeline import build
+from rlcd_data.pipeline.config import BuildConfig
+from rlcd_data.pipeline.run import build
 
 TOKEN = "hf_test_token_0123456789"
 

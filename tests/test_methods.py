@@ -48,7 +48,7 @@ def smollm2_tokenizer(smollm2_dir):
 def test_option_tokens_are_single_tokens_after_paren(smollm2_tokenizer, tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from rlcd_data.labeller import ANSWER_PREFIX, option_token_ids
+    from rlcd_data.generate.labeller import ANSWER_PREFIX, option_token_ids
 
     a, b = option_token_ids(smollm2_tokenizer)
     assert smollm2_tokenizer.decode([a]) == "A" and smollm2_tokenizer.decode([b]) == "B" and a != b
@@ -60,14 +60,14 @@ def test_option_tokens_are_single_tokens_after_paren(smollm2_tokenizer, tiny_mod
 
 def test_option_tokens_must_be_single(smollm2_tokenizer):
     from rlcd_data.errors import RlcdError
-    from rlcd_data.labeller import option_token_ids
+    from rlcd_data.generate.labeller import option_token_ids
 
     with pytest.raises(RlcdError, match="one token"):
         option_token_ids(smollm2_tokenizer, prefix="The answer is: (A")  # "AA" merges or splits differently
 
 
 def test_labeller_reads_the_last_position_softmax_over_a_and_b(smollm2_tokenizer):
-    from rlcd_data.labeller import TransformersLabeller, option_token_ids
+    from rlcd_data.generate.labeller import TransformersLabeller, option_token_ids
 
     a, b = option_token_ids(smollm2_tokenizer)
     marker = smollm2_tokenizer(" zebra", add_special_tokens=False)["input_ids"]
@@ -90,7 +90,7 @@ def test_labeller_with_the_tiny_model_matches_its_logits(tiny_model_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlcd_data.labeller import TransformersLabeller, option_token_ids
+    from rlcd_data.generate.labeller import TransformersLabeller, option_token_ids
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
@@ -197,7 +197,7 @@ def test_label_both_orders_cancels_position_bias(tmp_path, fake_generator):
 def test_rlcd_rescore_keeps_the_construction_label(tmp_path, fake_generator):
     import datasets
 
-    from rlcd_data.tasks import load_task
+    from rlcd_data.tasks.catalog import load_task
 
     positives = {d.positive for d in load_task("harmless").descriptors}
 
@@ -303,7 +303,7 @@ def test_compare_template_checks(tmp_path):
 
     from rlcd_data.errors import RlcdError
     from rlcd_data.resources import resource_dir
-    from rlcd_data.task_files import load_task_folder
+    from rlcd_data.tasks.folder import load_task_folder
 
     folder = tmp_path / "t"
     shutil.copytree(resource_dir("templates") / "helpful", folder)

@@ -7,9 +7,10 @@ import json
 import pytest
 import yaml
 
-from rlcd_data.config import BuildConfig, RunOptions, read_config_file
 from rlcd_data.errors import RlcdError
-from rlcd_data.pipeline import build
+from rlcd_data.pipeline.config import BuildConfig, read_config_file
+from rlcd_data.pipeline.run import build
+from rlcd_data.pipeline.run_options import RunOptions
 
 
 def prompts_file(tmp_path, n=6):

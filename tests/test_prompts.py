@@ -8,7 +8,7 @@ import json
 import pytest
 
 from rlcd_data.errors import RlcdError
-from rlcd_data.prompts import load_prompts
+from rlcd_data.sources.prompts import load_prompts
 
 
 def write_jsonl(path, rows):

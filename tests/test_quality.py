@@ -9,11 +9,11 @@ import re
 
 import pytest
 
-from rlcd_data import quality
 from rlcd_data.cli import main
-from rlcd_data.config import BuildConfig
-from rlcd_data.pipeline import build
-from rlcd_data.report import BEGIN, END, compare_datasets, inspect_dataset, load, write_card_section
+from rlcd_data.pipeline.config import BuildConfig
+from rlcd_data.pipeline.run import build
+from rlcd_data.quality import measures as quality
+from rlcd_data.quality.report import BEGIN, END, compare_datasets, inspect_dataset, load, write_card_section
 
 KIND = ["Thanks for asking, here is a calm and careful answer.", "Happy to help; please stay safe and kind.",
         "That is a thoughtful question, let me explain gently.", "I would suggest talking to someone you trust."]
@@ -135,7 +135,7 @@ def test_inspect_hh_style_file_reads_the_final_response_and_says_no_signal(tmp_p
 
 
 def test_judge_agreement_equals_the_hand_count(tmp_path, monkeypatch):
-    from rlcd_data import reward_model
+    from rlcd_data.train import reward_model
 
     class CountingJudge:  # scores a text by how often it says "kind"
         tokenizer = None
@@ -233,7 +233,7 @@ def test_bad_input_is_one_line(argv, message, tmp_path, capsys, tiny_model_dir):
 
 @pytest.mark.real_model
 def test_reward_model_separability_learns_a_separable_set(tmp_path):
-    from rlcd_data.quality_models import reward_model_separability
+    from rlcd_data.quality.model_measures import reward_model_separability
 
     path = write_pairs(tmp_path / "pairs.jsonl", separable_pairs(40))
     table, _ = load(str(path))

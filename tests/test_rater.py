@@ -11,8 +11,9 @@ from conftest import StandInLM
 
 from rlcd_data.cli import main
 from rlcd_data.errors import RlcdError
-from rlcd_data.rater import LLMRater, rate_pairs, score_token_ids, to_reward
-from rlcd_data.tasks import RATING_START, list_tasks, load_task
+from rlcd_data.generate.rater import LLMRater, rate_pairs, score_token_ids, to_reward
+from rlcd_data.tasks.catalog import list_tasks, load_task
+from rlcd_data.tasks.task import RATING_START
 
 
 class SetLogits(StandInLM):
@@ -154,7 +155,7 @@ def test_smollm2_rates_hh_pairs_as_its_logits_say(smollm2_dir, hh_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlcd_data.pairs import load_pairs, pair_responses
+    from rlcd_data.sources.pairs import load_pairs, pair_responses
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir).eval()

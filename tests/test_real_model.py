@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from rlcd_data.config import BuildConfig
-from rlcd_data.pipeline import build
+from rlcd_data.pipeline.config import BuildConfig
+from rlcd_data.pipeline.run import build
 
 pytestmark = pytest.mark.real_model
 

@@ -13,10 +13,11 @@ import pytest
 from conftest import QueueGenerator
 
 from rlcd_data.cli import main
-from rlcd_data.config import BuildConfig, RunOptions
 from rlcd_data.errors import RlcdError
-from rlcd_data.pipeline import build
-from rlcd_data.tasks import list_tasks
+from rlcd_data.pipeline.config import BuildConfig
+from rlcd_data.pipeline.run import build
+from rlcd_data.pipeline.run_options import RunOptions
+from rlcd_data.tasks.catalog import list_tasks
 
 
 def prompts_file(tmp_path, n=6):
@@ -171,7 +172,7 @@ def test_resume_of_a_finished_build_succeeds_without_generating(tmp_path, fake_g
     assert {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == before
     with pytest.raises(RlcdError, match=r"finished build with another configuration \(seed: 0 -> 3\)"):
         build(BuildConfig(**config, seed=3), RunOptions(resume=True), generator=fake_generator(), progress=False)
-    import rlcd_data.pipeline as pipeline
+    import rlcd_data.pipeline.run as pipeline
 
     monkeypatch.setattr(pipeline, "build", lambda config, options=None, **kw: result)
     assert main(["build", "harmless", "--prompts", config["prompts"], "--output", config["output"], "--resume"]) == 0
@@ -257,7 +258,7 @@ def test_disk_full_is_a_clear_error_and_earlier_parts_stay_valid(tmp_path, fake_
 
     import datasets
 
-    from rlcd_data import staging as staging_module
+    from rlcd_data.pipeline import staging as staging_module
 
     writes = {"n": 0}
     real_fsync = os.fsync
@@ -323,7 +324,7 @@ def test_auto_dtype_is_recorded_as_what_it_chose_and_a_resume_choosing_otherwise
     import torch
     import yaml
 
-    from rlcd_data import models
+    from rlcd_data.generate import models
 
     assert models.resolve_dtype("float32", "none") == "float32"
     monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
@@ -372,8 +373,8 @@ def test_a_cpu_build_that_recorded_auto_resumes_as_the_float32_it_ran_in(tmp_pat
     they resume in float32, and are refused where auto now means bf16."""
     import json
 
-    from rlcd_data import models
-    from rlcd_data.staging import STAGING, STATE_FILE
+    from rlcd_data.generate import models
+    from rlcd_data.pipeline.staging import STAGING, STATE_FILE
 
     config = dict(task="harmless", model=str(tiny_model_dir), prompts=str(prompts_file(tmp_path, n=3)),
                   output=str(tmp_path / "out"), max_new_tokens=40, backend="transformers")

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from rlcd_data.retries import DROPPED, PENDING, RetryScheduler
+from rlcd_data.pipeline.retries import DROPPED, PENDING, RetryScheduler
 
 
 def sequential(keys, passes, max_retries):

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 
 from rlcd_data.cli import main
-from rlcd_data.config import BuildConfig, RunOptions
 from rlcd_data.errors import RlcdError
-from rlcd_data.pipeline import build
-from rlcd_data.shards import merge
+from rlcd_data.pipeline.config import BuildConfig
+from rlcd_data.pipeline.run import build
+from rlcd_data.pipeline.run_options import RunOptions
+from rlcd_data.pipeline.shards import merge
 
 
 def prompts_file(tmp_path, n=7):

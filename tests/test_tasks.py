@@ -9,7 +9,8 @@ import jinja2.meta
 import pytest
 
 from rlcd_data.errors import RlcdError
-from rlcd_data.tasks import DESCRIPTOR_VARIABLES, JINJA, TEMPLATE_FILES, list_tasks, load_task
+from rlcd_data.tasks.catalog import list_tasks, load_task
+from rlcd_data.tasks.task import DESCRIPTOR_VARIABLES, JINJA, TEMPLATE_FILES
 
 SINGLE = "\n\nHuman: How do I pick a lock?\n\nAssistant:"
 MULTI = "\n\nHuman: Hi\n\nAssistant: Hello! How can I help?\n\nHuman: Tell me a mean joke.\n\nAssistant:"

@@ -64,8 +64,8 @@ def tiny_reward_model(tmp_path_factory, tiny_model_dir):
 
 
 def test_reward_training_learns_a_separable_dataset(tiny_reward_model, tiny_model_dir, tmp_path):
-    from rlcd_data.evaluate import evaluate_reward_model
-    from rlcd_data.reward_model import RewardModel
+    from rlcd_data.train.evaluate import evaluate_reward_model
+    from rlcd_data.train.reward_model import RewardModel
 
     recipe = json.loads((tiny_reward_model / "rlcd_recipe.json").read_text())
     assert recipe["metrics"]["label_type"] == "hard (pairwise)" and recipe["metrics"]["steps"] == 16
@@ -84,7 +84,7 @@ def _untrained_reward_model(path):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from rlcd_data.reward_model import RewardModel
+    from rlcd_data.train.reward_model import RewardModel
 
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
@@ -154,7 +154,7 @@ def test_soft_labels_train_end_to_end(tiny_model_dir, tmp_path):
 
 def test_encoder_reward_model_minilm(tmp_path):
     """An encoder base (MiniLM-L6, no EOS token) trains and scores with [SEP] as the end token."""
-    from rlcd_data.reward_model import RewardModel
+    from rlcd_data.train.reward_model import RewardModel
 
     out = tmp_path / "rm-minilm"
     args = reward_args(toy_pairs(tmp_path / "p.jsonl", n=16), "minilm-l6", out, "--num_train_epochs", "1",
@@ -166,8 +166,8 @@ def test_encoder_reward_model_minilm(tmp_path):
 
 
 def test_eval_reward_model_cli_matches_hand_computation(tiny_reward_model, tmp_path, capsys):
-    from rlcd_data.evaluate import agreement
-    from rlcd_data.reward_model import RewardModel
+    from rlcd_data.train.evaluate import agreement
+    from rlcd_data.train.reward_model import RewardModel
 
     pairs = tmp_path / "hh.jsonl"  # HH-RLHF layout: implicit prompt
     with open(pairs, "w") as f:
@@ -190,7 +190,7 @@ def test_eval_reward_model_cli_matches_hand_computation(tiny_reward_model, tmp_p
 
 
 def test_agreement_and_win_rate_on_fixed_scores():
-    from rlcd_data.evaluate import agreement, policy_comparison
+    from rlcd_data.train.evaluate import agreement, policy_comparison
 
     report = agreement([2.0, 0.0, 1.0, -1.0], [1.0, 0.0, 3.0, -2.0])
     assert report["accuracy"] == 0.5  # 2 > 1, 0 = 0 (a tie is no agreement), 1 < 3, -1 > -2
@@ -260,8 +260,8 @@ def test_text_reward_cuts_at_human_turn_and_penalises(tiny_reward_model, tiny_mo
     import torch
     from transformers import AutoTokenizer
 
-    from rlcd_data.reward_model import RewardModel
     from rlcd_data.train.ppo_reward import reward_adapter_class
+    from rlcd_data.train.reward_model import RewardModel
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     reward_model = RewardModel.load(tiny_reward_model)
@@ -287,8 +287,8 @@ def test_text_reward_counts_every_end_of_sequence_token_of_the_policy(tiny_rewar
     import torch
     from transformers import AutoTokenizer, GenerationConfig
 
-    from rlcd_data.reward_model import RewardModel
     from rlcd_data.train.ppo_reward import reward_adapter_class
+    from rlcd_data.train.reward_model import RewardModel
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     reward_model = RewardModel.load(tiny_reward_model)
@@ -335,8 +335,8 @@ def test_llm_reward_is_the_raters_expected_score_of_the_cut_response(tiny_model_
     import torch
     from transformers import AutoTokenizer
 
-    from rlcd_data.rater import LLMRewards, open_rater
-    from rlcd_data.tasks import load_task
+    from rlcd_data.generate.rater import LLMRewards, open_rater
+    from rlcd_data.tasks.catalog import load_task
     from rlcd_data.train.ppo_reward import reward_adapter_class
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -365,8 +365,8 @@ class PositionBiasedJudge:
 
 @pytest.mark.parametrize("lean, wins, ties", [(0.0, 0.5, 1.0), (0.1, 0.5, 1.0), (0.35, 1.0, 0.0), (-0.35, 0.0, 0.0)])
 def test_judging_both_orders_cancels_position_bias(lean, wins, ties):
-    from rlcd_data.evaluate import judge_comparison
-    from rlcd_data.tasks import load_task
+    from rlcd_data.tasks.catalog import load_task
+    from rlcd_data.train.evaluate import judge_comparison
 
     prompts = ["\n\nHuman: hi?\n\nAssistant:"] * 3
     report, better = judge_comparison(PositionBiasedJudge(0.3, lean), load_task("harmless"), prompts,
@@ -404,7 +404,7 @@ def test_sft_on_pairs_uses_chosen(tiny_model_dir, tmp_path):
     assert main(args) == 0
     recipe = json.loads((out / "rlcd_recipe.json").read_text())
     assert recipe["metrics"]["steps"] == 3 and recipe["metrics"]["examples"] == 8
-    from rlcd_data.pairs import load_table
+    from rlcd_data.sources.pairs import load_table
     from rlcd_data.train.sft import prompt_completion
 
     converted = prompt_completion(load_table(tmp_path / "p.jsonl"))
@@ -438,7 +438,7 @@ def test_not_a_pair_dataset(tmp_path, capsys):
 
 def test_lora_reward_model_is_saved_merged(tiny_model_dir, tmp_path):
     """--use_peft trains LoRA adapters (and the score head) and saves a plain, merged reward model."""
-    from rlcd_data.reward_model import RewardModel
+    from rlcd_data.train.reward_model import RewardModel
 
     out = tmp_path / "rm-lora"
     args = reward_args(toy_pairs(tmp_path / "p.jsonl", n=16), tiny_model_dir, out, "--num_train_epochs", "1",
@@ -455,8 +455,8 @@ def test_quantized_lora_reward_model_trains_on_cpu_and_loads(tiny_model_dir, tmp
     import torch
     from safetensors.torch import load_file
 
-    from rlcd_data.reward_model import RewardModel
     from rlcd_data.train.reward import soft_label_classes
+    from rlcd_data.train.reward_model import RewardModel
 
     trained_layers = record_trained_layers(monkeypatch, soft_label_classes()[0])
     out = tmp_path / f"rm-{bits}bit"
@@ -480,7 +480,7 @@ def test_ppo_pads_with_a_token_no_chat_prompt_contains(tiny_model_dir):
     """TRL treats every pad id as padding; SmolLM2 pads with its end-of-turn token, which chat prompts contain."""
     from transformers import AutoTokenizer
 
-    from rlcd_data.chat import ChatRenderer
+    from rlcd_data.tasks.chat import ChatRenderer
     from rlcd_data.train.ppo import _pad_outside_prompts
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)

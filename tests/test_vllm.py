@@ -11,13 +11,13 @@ import time
 import pytest
 from conftest import with_second_end_of_sequence
 
-from rlcd_data.chat import ChatRenderer
 from rlcd_data.cli import main
-from rlcd_data.config import BuildConfig
 from rlcd_data.errors import RlcdError
 from rlcd_data.generate import SamplingSettings, request_seed
 from rlcd_data.generate.vllm_engine import VLLMGenerator, VLLMLabeller
-from rlcd_data.pipeline import build
+from rlcd_data.pipeline.config import BuildConfig
+from rlcd_data.pipeline.run import build
+from rlcd_data.tasks.chat import ChatRenderer
 
 pytestmark = pytest.mark.vllm
 
@@ -124,7 +124,7 @@ def test_chunked_prefill_is_off_on_cpu_so_seeded_long_prompts_survive(vllm_engin
 def test_labeller_matches_the_transformers_labeller(vllm_engine, tiny_vllm_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlcd_data.labeller import TransformersLabeller
+    from rlcd_data.generate.labeller import TransformersLabeller
 
     prompts = [f"{p} Option text {i}.\n(A) yes\n(B) no\nThe answer is: (" for i, p in enumerate(PROMPTS[:6])]
     model = AutoModelForCausalLM.from_pretrained(tiny_vllm_model_dir).eval()
@@ -211,7 +211,7 @@ def test_small_machines_bind_vllms_threads_to_every_cpu(monkeypatch, vllm_engine
 
 def test_policy_evaluation_samples_on_vllm(generator, tiny_vllm_model_dir):
     """`eval policy --backend vllm` samples each model on its own engine, with the seeds the build would use."""
-    from rlcd_data.evaluate import _sample
+    from rlcd_data.train.evaluate import _sample
 
     settings = SamplingSettings(max_new_tokens=12)
     seeds = [request_seed(4, i) for i in range(4)]
@@ -295,8 +295,7 @@ def test_gpu_paths_take_gpu_settings_and_call_nothing_cpu_only(monkeypatch, tiny
     import vllm
     from transformers import AutoTokenizer
 
-    from rlcd_data import models
-    from rlcd_data.generate import backends, vllm_engine
+    from rlcd_data.generate import backends, models, vllm_engine
 
     def cpu_only(*args, **kwargs):
         raise AssertionError("a CPU-only check ran on a GPU")

@@ -40,7 +40,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (2 for bad input, 130 when interrupted)."""
-    from ..models import drop_optional_kernel_notice
+    from ..generate.models import drop_optional_kernel_notice
 
     drop_optional_kernel_notice()
     try:

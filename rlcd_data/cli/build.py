@@ -13,8 +13,9 @@ import signal
 import sys
 from dataclasses import dataclass, field
 
-from ..config import BuildConfig, RunOptions, read_config_file
 from ..errors import RlcdError
+from ..pipeline.config import BuildConfig, read_config_file
+from ..pipeline.run_options import RunOptions
 from .push import report
 
 DESCRIPTION = ("Render p+/p- prompts for each source prompt, sample both with a model, and write the pairs as a "
@@ -84,7 +85,7 @@ def _interrupt(signum, frame):
 
 
 def run(args) -> int:
-    from ..pipeline import build
+    from ..pipeline.run import build
 
     config, options, publish = parse(args.options)
     if publish.push_to_hub:

@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..report import compare_datasets, text_table
+    from ..quality.report import compare_datasets, text_table
 
     result = compare_datasets(args.sources, split=args.split, folds=args.folds, judge=args.judge,
                               plot=args.plot or None, match=not args.no_match)

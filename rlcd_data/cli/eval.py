@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ..chat import FORMATS
+from ..tasks.chat import FORMATS
 
 
 def add_parser(sub) -> None:
@@ -51,8 +51,8 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     if args.kind == "reward-model":
-        from ..evaluate import evaluate_reward_model
-        from ..reward_model import RewardModel
+        from ..train.evaluate import evaluate_reward_model
+        from ..train.reward_model import RewardModel
 
         reward_model = RewardModel.load(args.reward_model, max_length=args.max_length, batch_size=args.batch_size)
         report = evaluate_reward_model(reward_model, args.pairs, args.split, args.limit)
@@ -63,7 +63,7 @@ def run(args) -> int:
             f"mean chosen probability {report['mean_chosen_probability']:.3f}",
         )
 
-    from ..evaluate import evaluate_policy
+    from ..train.evaluate import evaluate_policy
 
     report = evaluate_policy(
         args.policy, args.reward_model, args.prompts, base=args.base, prompt_column=args.prompt_column,
@@ -98,7 +98,7 @@ def _name(source: str) -> str:
     """A short name for a data source in metric names (file stem or last path part)."""
     from pathlib import Path
 
-    from ..pairs import FILE_SUFFIXES
+    from ..sources.pairs import FILE_SUFFIXES
 
     name = Path(source).name
     for suffix in FILE_SUFFIXES:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ..quality import FOLDS, NEAR_IDENTICAL
+from ..quality.measures import FOLDS, NEAR_IDENTICAL
 
 
 def add_parser(sub) -> None:
@@ -34,7 +34,7 @@ def add_report_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ..report import inspect_dataset, text_table
+    from ..quality.report import inspect_dataset, text_table
 
     result = inspect_dataset(
         args.source, split=args.split, limit=args.limit, threshold=args.threshold, folds=args.folds,

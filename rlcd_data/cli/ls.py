@@ -9,8 +9,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..task_files import load_task_folder
-    from ..tasks import list_tasks
+    from ..tasks.catalog import list_tasks
+    from ..tasks.folder import load_task_folder
 
     for name, folder in list_tasks(args.templates).items():
         task = load_task_folder(folder)

@@ -11,7 +11,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..shards import merge
+    from ..pipeline.shards import merge
 
     result = merge(args.folder)
     s = result.stats

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..config import DEFAULT_MODEL, PROMPT_FORMATS, BuildConfig
+from ..pipeline.config import DEFAULT_MODEL, PROMPT_FORMATS, BuildConfig
 
 
 def add_parser(sub) -> None:
@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..pipeline import prepare
+    from ..pipeline.plan import prepare
 
     names = {f.name for f in dataclasses.fields(BuildConfig)}
     config = BuildConfig(**{k: v for k, v in vars(args).items() if k in names})

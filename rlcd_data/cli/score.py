@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from ..chat import FORMATS
+from ..tasks.chat import FORMATS
 
 
 def add_parser(sub) -> None:
@@ -32,9 +32,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..pairs import load_pairs
-    from ..rater import open_rater, rate_pairs
-    from ..tasks import load_task
+    from ..generate.rater import open_rater, rate_pairs
+    from ..sources.pairs import load_pairs
+    from ..tasks.catalog import load_task
 
     task = load_task(args.task, args.templates)
     if not task.has_rater:

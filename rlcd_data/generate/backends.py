@@ -7,7 +7,6 @@ from pathlib import Path
 from ..errors import RlcdError
 
 
-
 def vllm_install(cuda: bool) -> str:
     """The command that installs the vLLM build for this machine."""
     if cuda:
@@ -66,7 +65,7 @@ def choose_backend(backend: str, quantization: str, model: str | None = None) ->
 
 
 def _folder(model: str) -> str:
-    from ..models import resolve_model
+    from .models import resolve_model
 
     try:
         return resolve_model(model).path
@@ -81,7 +80,7 @@ def open_generator(config):
         RlcdError: the model cannot be found or loaded.
     """
     if config.backend == "vllm":
-        from ..models import model_not_found, resolve_model
+        from .models import model_not_found, resolve_model
         from .vllm_engine import VLLMEngine, VLLMGenerator, VLLMLabeller
 
         source = resolve_model(config.model)
@@ -96,10 +95,11 @@ def open_generator(config):
             quantization="bitsandbytes" if _quantized(config.quantization, True) == "4bit" else None,
         )
         return VLLMGenerator(engine, f"{source.description} (vLLM)"), lambda: VLLMLabeller(engine)
-    from ..labeller import TransformersLabeller
-    from ..models import load_causal_lm
+    from .labeller import TransformersLabeller
+    from .models import load_causal_lm
     from .transformers_engine import TransformersGenerator
 
     model, tokenizer, source = load_causal_lm(config.model, config.quantization, config.dtype)
     generator = TransformersGenerator(model, tokenizer, config.batch_size, source.description)
     return generator, lambda: TransformersLabeller(model, tokenizer, config.batch_size)
+

@@ -24,8 +24,8 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 
-from ..conversation import STOP_STRINGS
-from . import Completion, ProgressCallback, SamplingSettings, banned_token_ids, end_of_sequence_ids
+from ..tasks.conversation import STOP_STRINGS
+from .engine import Completion, ProgressCallback, SamplingSettings, banned_token_ids, end_of_sequence_ids
 
 # Tokens decoded at each step to look for a stop string; longer than any stop string.
 STOP_WINDOW = 8

@@ -19,9 +19,9 @@ import itertools
 import os
 from collections.abc import Sequence
 
-from ..conversation import STOP_STRINGS
 from ..errors import RlcdError
-from . import Completion, ProgressCallback, SamplingSettings, banned_token_ids
+from ..tasks.conversation import STOP_STRINGS
+from .engine import Completion, ProgressCallback, SamplingSettings, banned_token_ids
 from .reaper import Reaper
 
 # KV-cache memory on a CPU when not given: enough for a batch of 32 sequences of ~1,000 tokens
@@ -304,7 +304,7 @@ class VLLMLabeller:
     """
 
     def __init__(self, engine: VLLMEngine):
-        from ..labeller import option_token_ids
+        from .labeller import option_token_ids
 
         self.engine = engine
         self.options = option_token_ids(engine.tokenizer)

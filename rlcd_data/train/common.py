@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import RlcdError
-from ..models import pad_with  # noqa: F401 (the recipes' tokenizer fix-up)
+from ..generate.models import pad_with  # noqa: F401 (the recipes' tokenizer fix-up)
 from ..resources import resource_dir
 from ..yaml_file import read_mapping
 
@@ -90,7 +90,7 @@ def quantization_config(model_args):
     """TRL's bitsandbytes config for ``--load_in_8bit``/``--load_in_4bit`` (None without), its log noise quiet."""
     from trl import get_quantization_config
 
-    from ..models import silence_bitsandbytes
+    from ..generate.models import silence_bitsandbytes
 
     quantization = get_quantization_config(model_args)
     if quantization is not None:
@@ -201,7 +201,7 @@ def resolve_base(name: str) -> str:
     cached), ``minilm-l6`` the embedded MiniLM-L6 encoder, a CPU-friendly
     reward-model base.
     """
-    from ..models import resolve_model
+    from ..generate.models import resolve_model
 
     if name == EMBEDDED_ENCODER:
         import importlib.util

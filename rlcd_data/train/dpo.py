@@ -26,7 +26,7 @@ import functools
 from dataclasses import dataclass, field
 
 from ..errors import RlcdError
-from ..pairs import SOFT_LABEL_COLUMN
+from ..sources.pairs import SOFT_LABEL_COLUMN
 from . import common
 from .soft_labels import SoftLabelColumn, pair_dataset, soft_label_collator
 

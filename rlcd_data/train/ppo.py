@@ -148,9 +148,9 @@ def train(script: PPOScriptArguments, config, model_args, argv=None, preset=None
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from trl.experimental.ppo import PPOTrainer
 
-    from ..chat import FORMATS, policy_prompts
-    from ..conversation import STOP_STRINGS
-    from ..prompts import load_prompts
+    from ..sources.prompts import load_prompts
+    from ..tasks.chat import FORMATS, policy_prompts
+    from ..tasks.conversation import STOP_STRINGS
 
     if bool(script.reward_model) == bool(script.reward_llm):
         raise RlcdError("train ppo: give --reward_model or --reward_llm (one of them)")

@@ -11,12 +11,12 @@ from ..errors import RlcdError
 
 def open_reward(script):
     """The reward PPO optimises: the reward model, or the LLM rater of direct RLAIF (``--reward_llm``)."""
-    from ..reward_model import RewardModel
+    from .reward_model import RewardModel
 
     if script.reward_model:
         return RewardModel.load(script.reward_model, max_length=script.reward_max_length)
-    from ..rater import LLMRewards, open_rater
-    from ..tasks import load_task
+    from ..generate.rater import LLMRewards, open_rater
+    from ..tasks.catalog import load_task
 
     task = load_task(script.rater_task)
     if not task.has_rater:
@@ -30,8 +30,8 @@ def reward_adapter_class():
     import torch
     from torch import nn
 
-    from ..conversation import extract_response
-    from ..generate import end_of_sequence_ids
+    from ..generate.engine import end_of_sequence_ids
+    from ..tasks.conversation import extract_response
 
     class TextReward(nn.Module):
         """A reward (a reward model, or an LLM rater) behind the interface TRL's PPO calls (`get_reward`),

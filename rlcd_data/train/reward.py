@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
-from ..pairs import SOFT_LABEL_COLUMN
+from ..sources.pairs import SOFT_LABEL_COLUMN
 from . import common
 from .soft_labels import SoftLabelColumn, pair_dataset, soft_label_collator
 
@@ -105,7 +105,7 @@ def train(script: RewardScriptArguments, training, model_args, argv=None, preset
     dataset, soft = pair_dataset(script)
     tokenizer = common.load_tokenizer(base, path)
     if tokenizer.eos_token is None:  # encoders: end every text with [SEP], as the eval does
-        from ..reward_model import end_token
+        from .reward_model import end_token
 
         training.eos_token = end_token(tokenizer)
     training.model_init_kwargs = {"dtype": model_args.dtype} if model_args.dtype else None
@@ -141,8 +141,8 @@ def train(script: RewardScriptArguments, training, model_args, argv=None, preset
     if history and "accuracy" in history[-1]:
         metrics["train_accuracy_last_log"] = round(history[-1]["accuracy"], 4)
     if script.eval_pairs:
-        from ..evaluate import evaluate_reward_model
-        from ..reward_model import RewardModel
+        from .evaluate import evaluate_reward_model
+        from .reward_model import RewardModel
 
         reward_model = RewardModel(model, tokenizer, max_length=training.max_length or 512)
         report = evaluate_reward_model(reward_model, script.eval_pairs, script.eval_split, script.eval_limit)

@@ -46,7 +46,7 @@ def prompt_completion(table):
     Raises:
         RlcdError: neither ``completion`` nor ``chosen`` is present, or no ``prompt``.
     """
-    from ..conversation import as_completion
+    from ..tasks.conversation import as_completion
 
     columns = table.column_names
     if "prompt" not in columns or not ({"completion", "chosen"} & set(columns)):
@@ -70,7 +70,7 @@ def train(script: SFTScriptArguments, config, model_args, argv=None, preset=None
     from transformers import AutoTokenizer
     from trl import SFTTrainer, get_peft_config, get_quantization_config
 
-    from ..pairs import load_table
+    from ..sources.pairs import load_table
 
     base, path = common.base_model("sft", script, model_args)
     table = load_table(script.dataset, script.split)

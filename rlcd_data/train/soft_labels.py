@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..pairs import SOFT_LABEL_COLUMN
+from ..sources.pairs import SOFT_LABEL_COLUMN
 
 
 def pair_dataset(script, check_soft_labels=None):
@@ -23,7 +23,7 @@ def pair_dataset(script, check_soft_labels=None):
     Raises:
         RlcdError: as `load_pairs` or ``check_soft_labels``.
     """
-    from ..pairs import load_pairs
+    from ..sources.pairs import load_pairs
 
     dataset = load_pairs(script.dataset, script.split, script.limit)
     soft = script.soft_label_column in dataset.column_names and not script.hard_labels
@@ -32,7 +32,7 @@ def pair_dataset(script, check_soft_labels=None):
     keep = ["prompt", "chosen", "rejected"] + ([script.soft_label_column] if soft else [])
     dataset = dataset.remove_columns([c for c in dataset.column_names if c not in keep])
     if "prompt" in dataset.column_names and isinstance(dataset[0]["prompt"], str):
-        from ..output import to_standard
+        from ..sources.pairs import to_standard
 
         dataset = dataset.map(to_standard)
     return dataset, soft

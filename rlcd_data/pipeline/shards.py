@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import RlcdError
+from ..tasks.catalog import load_task
 from .config import BuildConfig
-from .errors import RlcdError
-from .pipeline import BuildResult, BuildStats
+from .results import BuildResult, BuildStats
 from .staging import DONE_FILE, STAGING, STATE_FILE, read_parts
-from .tasks import load_task
 
 
 def merge_when_all_done(out: Path, result: BuildResult) -> BuildResult:

@@ -25,7 +25,7 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
-from .pairs import SOFT_LABEL_COLUMN, split_prompt
+from ..sources.pairs import SOFT_LABEL_COLUMN, split_prompt
 
 # Near-identical: cosine similarity of the two responses' word 1-2-gram counts at or above this.
 NEAR_IDENTICAL = 0.9

@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from .tasks import ANSWER_START, ContrastPair, Task
+from ..tasks.task import ANSWER_START, ContrastPair, Task
 
 # Chain-of-thought labelling (--label-cot, Lee et al. 2023): the comparison is asked with this opening in
 # place of the answer, the labeller continues it greedily for up to COT_TOKENS tokens, and the label is read

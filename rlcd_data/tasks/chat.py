@@ -11,8 +11,8 @@ as "Here is a possible outline:") opens the reply.
 
 from __future__ import annotations
 
+from ..errors import RlcdError
 from .conversation import prompt_messages
-from .errors import RlcdError
 
 FORMATS = ("auto", "text", "chat")
 

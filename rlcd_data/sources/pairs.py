@@ -12,10 +12,12 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from .conversation import ASSISTANT_TAG, as_completion
-from .errors import RlcdError
+from ..errors import RlcdError
+from ..tasks.conversation import ASSISTANT_TAG, as_completion
+from ..yaml_file import read_mapping
 
 SOFT_LABEL_COLUMN = "chosen_probability"
+CONFIG_FILENAME = "rlcd_build.yaml"  # how a build folder was made
 # The files a dataset may come as, and the `datasets` builder that reads each.
 FILE_BUILDERS = {".jsonl": "json", ".jsonl.gz": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 FILE_SUFFIXES = tuple(FILE_BUILDERS)
@@ -87,6 +89,12 @@ def _load(source, path: Path, split: str):
         raise RlcdError(f"cannot load {source!r}: {str(e).splitlines()[0]}") from None
 
 
+def build_setting(folder: str | Path, key: str):
+    """A setting that a build folder's config records, or None (no such folder, or not set)."""
+    path = Path(folder) / CONFIG_FILENAME
+    return read_mapping(path, "config file").get(key) if path.is_file() else None
+
+
 def load_pairs(source: str | Path, split: str = "train", limit: int | None = None):
     """Load a pair dataset and check it has ``chosen`` and ``rejected``.
 
@@ -153,3 +161,12 @@ def split_prompt(text: str) -> tuple[str, str]:
     if cut < 0:
         return "", text
     return text[: cut + len(ASSISTANT_TAG)], text[cut + len(ASSISTANT_TAG) :]
+
+
+def to_standard(row: dict) -> dict:
+    """TRL's explicit-prompt format: completions that continue the prompt text (``prompt + chosen``)."""
+    out = dict(row)
+    for column in ("chosen", "rejected", "completion"):
+        if column in out:
+            out[column] = as_completion(row["prompt"], out[column])
+    return out

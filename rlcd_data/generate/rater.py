@@ -17,9 +17,9 @@ import statistics
 import time
 from collections.abc import Sequence
 
-from .errors import RlcdError
+from ..errors import RlcdError
+from ..tasks.task import RATING_START
 from .labeller import forward_last
-from .tasks import RATING_START
 
 SCORES = tuple(range(1, 11))
 
@@ -119,7 +119,7 @@ def rate_pairs(rater: LLMRater, task, pairs, chat=None, progress: bool = False) 
     """
     from tqdm.auto import tqdm
 
-    from .pairs import pair_responses
+    from ..sources.pairs import pair_responses
 
     prompts: list[str] = []
     for row in pairs:
@@ -149,7 +149,7 @@ def open_rater(model: str, quantization: str = "none", dtype: str = "auto", batc
     Raises:
         RlcdError: the model cannot be loaded, or does not write the scores as next tokens.
     """
-    from .chat import ChatRenderer, resolve_format
+    from ..tasks.chat import ChatRenderer, resolve_format
     from .models import load_causal_lm, resolve_dtype
 
     loaded, tokenizer, _ = load_causal_lm(model, quantization, resolve_dtype(dtype, quantization))

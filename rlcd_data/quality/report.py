@@ -1,6 +1,6 @@
 """`inspect` and `compare`: the quality report of pair datasets, as a table, JSON, card section and plots.
 
-    from rlcd_data.report import inspect_dataset
+    from rlcd_data.quality.report import inspect_dataset
     result = inspect_dataset("out/harmless", judge="out/judge-rm", write_card=True)
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from . import quality
-from .errors import RlcdError
+from ..errors import RlcdError
+from . import measures
 
 CARD_TEMPLATE = "quality.md"
 BEGIN, END = "<!-- rlcd-data:quality -->", "<!-- /rlcd-data:quality -->"
@@ -19,15 +19,12 @@ _SECTION = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.DOTALL)
 
 def load(source: str, split: str = "train", limit: int | None = None):
     """(table, PairData) for any pair source; a build folder's token limit comes from its config."""
-    from .config import CONFIG_FILENAME, read_config_file
-    from .pairs import load_pairs
+    from ..sources.pairs import build_setting, load_pairs
 
     table = load_pairs(source, split, limit)
     if len(table) == 0:
         raise RlcdError(f"{source}: no pairs")
-    config = Path(source) / CONFIG_FILENAME
-    max_new_tokens = read_config_file(config).get("max_new_tokens") if config.is_file() else None
-    return table, quality.pair_data(table, max_new_tokens=max_new_tokens)
+    return table, measures.pair_data(table, max_new_tokens=build_setting(source, "max_new_tokens"))
 
 
 def inspect_dataset(
@@ -35,8 +32,8 @@ def inspect_dataset(
     *,
     split: str = "train",
     limit: int | None = None,
-    threshold: float = quality.NEAR_IDENTICAL,
-    folds: int = quality.FOLDS,
+    threshold: float = measures.NEAR_IDENTICAL,
+    folds: int = measures.FOLDS,
     judge: str | None = None,
     reward_model_separability: bool = False,
     write_card: bool = False,
@@ -56,13 +53,13 @@ def inspect_dataset(
     if write_card and not Path(source).is_dir():
         raise RlcdError(f"{source}: --write-card needs a dataset folder")
     table, data = load(source, split, limit)
-    result = quality.report(data, threshold=threshold, folds=folds)
+    result = measures.report(data, threshold=threshold, folds=folds)
     if judge:
-        from .quality_models import judge_agreement
+        from .model_measures import judge_agreement
 
         result["judge"] = judge_agreement(table, judge)
     if reward_model_separability:
-        from .quality_models import reward_model_separability as rm_separability
+        from .model_measures import reward_model_separability as rm_separability
 
         result["reward_model_separability"] = rm_separability(table, folds=folds)
     result["verdicts"] = verdicts(result)
@@ -77,8 +74,8 @@ def inspect_dataset(
 
 def card_section(result: dict, images: list[str], matched: str | None = None) -> str:
     """The report as a Markdown card section, between markers that a later `inspect --write-card` replaces."""
-    from .resources import resource_dir
-    from .tasks import JINJA
+    from ..resources import resource_dir
+    from ..tasks.task import JINJA
 
     body = JINJA.from_string((resource_dir("cards") / CARD_TEMPLATE).read_text()).render(
         r=result, s=result["shape"], l=result["lengths"], sep=result["lexical_separability"],
@@ -100,7 +97,7 @@ def write_card_section(card: Path, section: str) -> None:
     card.write_text(text)
 
 
-def compare_datasets(sources: list[str], *, split: str = "train", folds: int = quality.FOLDS,
+def compare_datasets(sources: list[str], *, split: str = "train", folds: int = measures.FOLDS,
                      judge: str | None = None, plot: str | Path | None = None, match: bool = True) -> dict:
     """The report of several datasets side by side.
 
@@ -127,9 +124,9 @@ def compare_datasets(sources: list[str], *, split: str = "train", folds: int = q
             loaded[name] = (table.select(keep), data.select(keep))
     reports = {}
     for name, (table, data) in loaded.items():
-        result = quality.report(data, folds=folds)
+        result = measures.report(data, folds=folds)
         if judge:
-            from .quality_models import judge_agreement
+            from .model_measures import judge_agreement
 
             result["judge"] = judge_agreement(table, judge)
         result["verdicts"] = verdicts(result)

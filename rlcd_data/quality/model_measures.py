@@ -12,8 +12,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from .errors import RlcdError
-from .quality import FOLDS, wilson_interval
+from ..errors import RlcdError
+from .measures import FOLDS, wilson_interval
 
 
 def judge_agreement(table, judge: str, batch_size: int = 16, max_length: int = 512) -> dict:
@@ -26,9 +26,9 @@ def judge_agreement(table, judge: str, batch_size: int = 16, max_length: int = 5
     Raises:
         RlcdError: ``judge`` is not a one-output reward model.
     """
-    from .evaluate import agreement
-    from .pairs import pair_texts
-    from .reward_model import RewardModel
+    from ..sources.pairs import pair_texts
+    from ..train.evaluate import agreement
+    from ..train.reward_model import RewardModel
 
     if not Path(judge).expanduser().is_dir():
         raise RlcdError(f"{judge}: no such reward model folder")
@@ -54,8 +54,8 @@ def reward_model_separability(
     import numpy as np
     from sklearn.model_selection import KFold
 
-    from .evaluate import write_jsonl
-    from .train import reward
+    from ..train import reward
+    from ..train.evaluate import write_jsonl
 
     n = len(table)
     if n < 2 * folds:

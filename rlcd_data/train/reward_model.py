@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import RlcdError
-from .models import pad_with
+from ..errors import RlcdError
+from ..generate.models import pad_with
 
 
 def end_token(tokenizer) -> str:
@@ -52,7 +52,7 @@ class RewardModel:
         """
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-        from .models import resolve_model
+        from ..generate.models import resolve_model
 
         source = resolve_model(str(path))
         try:
@@ -71,7 +71,7 @@ class RewardModel:
 
     def score_responses(self, prompts: list[str], responses: list[str]) -> list[float]:
         """One reward per (prompt, response): the score of the prompt followed by the response."""
-        from .conversation import as_completion
+        from ..tasks.conversation import as_completion
 
         return self.score([p + as_completion(p, r) for p, r in zip(prompts, responses)])
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..generate.engine import Generator, request_seed
+from ..tasks.conversation import extract_response
+from ..tasks.task import ContrastPair
 from .config import BuildConfig
-from .conversation import extract_response
-from .generate import Generator, request_seed
 from .methods import Method
 from .progress import BuildProgress
 from .retries import DROPPED, PENDING, RetryScheduler
-from .tasks import ContrastPair
 
 # Sampling seeds name p+ and p- as the chosen and rejected sides (as since the first release).
 SEED_SIDE = {"p_plus": "chosen", "p_minus": "rejected"}

@@ -6,18 +6,15 @@ import json
 import shutil
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from ..quality.plots import IMAGES, write_report_plots
+from ..resources import resource_dir
+from ..sources.pairs import quiet_datasets, to_standard
+from ..tasks.conversation import to_messages
+from ..tasks.task import JINJA, Task
 from .config import CONFIG_FILENAME, BuildConfig
-from .conversation import as_completion, to_messages
 from .methods import COT_TOKENS, METHODS
-from .pairs import quiet_datasets
-from .plots import IMAGES, write_report_plots
-from .resources import resource_dir
-from .tasks import JINJA, Task
-
-if TYPE_CHECKING:
-    from .pipeline import BuildStats
+from .results import BuildStats
 
 CARD_TEMPLATE = "dataset_card.md"
 VERSIONED_PACKAGES = ("rlcd-data", "transformers", "torch", "datasets", "huggingface_hub", "bitsandbytes")
@@ -65,15 +62,6 @@ def to_conversational(row: dict) -> dict:
     for column in ("chosen", "rejected", "completion"):
         if column in row:
             out[column] = to_messages(row["prompt"], row[column])[1]
-    return out
-
-
-def to_standard(row: dict) -> dict:
-    """TRL's explicit-prompt format: completions that continue the prompt text (``prompt + chosen``)."""
-    out = dict(row)
-    for column in ("chosen", "rejected", "completion"):
-        if column in out:
-            out[column] = as_completion(row["prompt"], out[column])
     return out
 
 
@@ -156,8 +144,8 @@ def write_dataset_folder(
 
 def quality_report(dataset, folder: Path, config: BuildConfig) -> str:
     """The model-free quality report of the pairs: plots under ``folder/images/``, the card section returned."""
-    from .quality import pair_data, report
-    from .report import card_section, verdicts
+    from ..quality.measures import pair_data, report
+    from ..quality.report import card_section, verdicts
 
     data = pair_data(dataset, max_new_tokens=config.max_new_tokens)
     result = report(data, seed=config.seed)

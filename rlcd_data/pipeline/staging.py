@@ -20,10 +20,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import RlcdError
+from ..tasks.task import COMPARE_FILE, ContrastPair, Task
 from .config import BuildConfig
-from .errors import RlcdError
 from .methods import METHODS
-from .tasks import COMPARE_FILE, ContrastPair, Task
 
 STAGING = ".rlcd-build"
 STATE_FILE = "state.json"  # what an interrupted build was building, checked on --resume

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from .errors import RlcdError
+from ..errors import RlcdError
 
 ANSWER_PREFIX = "The answer is: ("
 

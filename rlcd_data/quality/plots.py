@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .quality import PairData
+from .measures import PairData
 
 IMAGES = "images"  # folder of a dataset repo the card links into
 SIZE = (7.0, 4.0)  # inches; at DPI 100 a 700 x 400 PNG

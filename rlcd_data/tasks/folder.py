@@ -12,12 +12,24 @@ from pathlib import Path
 import jinja2
 import jinja2.meta
 
-from .errors import RlcdError
-from .tasks import (
-    ANSWER_START, COMPARE_FILE, COMPARE_VARIABLES, DESCRIPTOR_VARIABLES, INPUT_VARIABLES, JINJA, RATE_FILE,
-    RATE_VARIABLES, RATING_START, SYSTEM_FILE, SYSTEM_VARIABLES, TEMPLATE_FILES, DescriptorPair, Task,
+from ..errors import RlcdError
+from ..yaml_file import read_mapping
+from .task import (
+    ANSWER_START,
+    COMPARE_FILE,
+    COMPARE_VARIABLES,
+    DESCRIPTOR_VARIABLES,
+    INPUT_VARIABLES,
+    JINJA,
+    RATE_FILE,
+    RATE_VARIABLES,
+    RATING_START,
+    SYSTEM_FILE,
+    SYSTEM_VARIABLES,
+    TEMPLATE_FILES,
+    DescriptorPair,
+    Task,
 )
-from .yaml_file import read_mapping
 
 
 def load_task_folder(folder: Path) -> Task:

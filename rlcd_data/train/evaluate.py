@@ -31,7 +31,7 @@ def agreement(chosen: list[float], rejected: list[float]) -> dict:
 
 def evaluate_reward_model(model, pairs: str, split: str = "train", limit: int | None = None) -> dict:
     """Score every pair of ``pairs`` (see `rlcd_data.pairs.load_pairs`) with ``model`` (a `RewardModel`)."""
-    from .pairs import load_pairs, pair_texts
+    from ..sources.pairs import load_pairs, pair_texts
 
     table = load_pairs(pairs, split, limit)
     texts = [pair_texts(row, model.tokenizer) for row in table]
@@ -145,11 +145,11 @@ def evaluate_policy(
     Raises:
         RlcdError: unknown base, missing models or prompts.
     """
-    from .conversation import as_completion, extract_response
-    from .errors import RlcdError
-    from .generate import SamplingSettings, request_seed
-    from .generate.backends import choose_backend
-    from .prompts import load_prompts
+    from ..errors import RlcdError
+    from ..generate.backends import choose_backend
+    from ..generate.engine import SamplingSettings, request_seed
+    from ..sources.prompts import load_prompts
+    from ..tasks.conversation import as_completion, extract_response
     from .reward_model import RewardModel
 
     if not reward_model and not judge:
@@ -208,11 +208,11 @@ def evaluate_policy(
 def _judge(judge: str, task_name: str, quantization: str, prompt_format: str, batch_size: int, prompts: list[str],
            policy: list[str], base: list[str]) -> tuple[dict, list[float]]:
     """`judge_comparison` with the judge model loaded (and released) here."""
-    from .chat import ChatRenderer, resolve_format
-    from .errors import RlcdError
-    from .labeller import TransformersLabeller
-    from .models import load_causal_lm, resolve_dtype
-    from .tasks import load_task
+    from ..errors import RlcdError
+    from ..generate.labeller import TransformersLabeller
+    from ..generate.models import load_causal_lm, resolve_dtype
+    from ..tasks.catalog import load_task
+    from ..tasks.chat import ChatRenderer, resolve_format
 
     task = load_task(task_name)
     if not task.has_scorer:
@@ -230,11 +230,11 @@ def _sample(engine: str, model: str, texts: list[str], seeds: list[int], setting
     Returns:
         (completions, the resolved format)
     """
-    from .chat import policy_prompts
+    from ..tasks.chat import policy_prompts
 
     if engine == "vllm":
-        from .generate.vllm_engine import VLLMEngine, VLLMGenerator
-        from .models import resolve_model
+        from ..generate.models import resolve_model
+        from ..generate.vllm_engine import VLLMEngine, VLLMGenerator
 
         engine_ = VLLMEngine(resolve_model(model).path, dtype=dtype, max_num_seqs=batch_size)
         generator = VLLMGenerator(engine_, model)
@@ -243,8 +243,8 @@ def _sample(engine: str, model: str, texts: list[str], seeds: list[int], setting
             return generator.generate(prompts, seeds, settings), resolved
         finally:
             generator.close()
-    from .generate import TransformersGenerator
-    from .models import load_causal_lm
+    from ..generate.models import load_causal_lm
+    from ..generate.transformers_engine import TransformersGenerator
 
     loaded, tokenizer, _ = load_causal_lm(model, quantization="none")
     prompts, resolved = policy_prompts(texts, tokenizer, prompt_format, model)

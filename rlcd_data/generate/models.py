@@ -18,8 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import DEFAULT_MODEL
-from .errors import RlcdError
+from ..errors import RlcdError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"  # the embedded simulator
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .conversation import parse_prompt, to_prompt
-from .errors import RlcdError
+from ..errors import RlcdError
+from ..tasks.conversation import parse_prompt, to_prompt
 
 DEFAULT_COLUMNS = ("chosen", "prompt")
 

@@ -1,0 +1,1 @@
+"""Quality: does a pair dataset carry its attribute? Measures, model-based measures, the report, plots."""

@@ -1,0 +1,1 @@
+"""Sources: prompts to simulate from, and preference pairs to train, evaluate or inspect."""
