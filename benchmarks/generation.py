@@ -17,7 +17,10 @@ temperature 1, as the released loop samples):
     Eager by default on a CPU; `--vllm-compile` compiles instead, the first run with an empty compile
     cache (cold start), later runs with the cache the first one wrote (warm start);
 (d) (c) without the watcher process that ends the engine's processes when the build is killed
-    (`rlcd_data/generate/reaper.py`): `--only c d` measures what the watcher costs.
+    (`rlcd_data/generate/reaper.py`): `--only c d` measures what the watcher costs;
+(e) `rlcd-data build --base-url` against vLLM's OpenAI server on 127.0.0.1, started with the same model,
+    dtype, batch size and thread binding as (c) (its start-up timed apart): `--only c e` compares the
+    served build with the in-process one. Its peak RSS is the client's alone (the build's process).
 
 Reports completed pairs per second, useful tokens per second (tokens kept after the cut), tokens
 generated, peak resident memory (for (c) summed over the engine's processes), the ratios to (a), and
@@ -177,6 +180,63 @@ def run_vllm(args) -> dict:
             "useful_tokens": useful, "startup_seconds": startup, "tree_peak_rss_mb": peak[0] / 2**20}
 
 
+def run_served(args) -> dict:
+    """(e) rlcd-data build as a client of vLLM's OpenAI server on loopback; the server start is timed apart."""
+    import json as json_
+    import os
+    import signal
+    import socket
+    import urllib.request
+
+    from rlcd_data.generate.models import resolve_model
+    from rlcd_data.generate.vllm_engine import cpu_threads_bind
+    from rlcd_data.pipeline.run import build
+
+    source = resolve_model(args.model)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ)
+    if "VLLM_CPU_OMP_THREADS_BIND" not in env and (cpus := cpu_threads_bind()):
+        env["VLLM_CPU_OMP_THREADS_BIND"] = cpus
+    env["VLLM_CPU_KVCACHE_SPACE"] = "2"  # the in-process engine's CPU default (CPU_KV_CACHE_GIB)
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", source.path,
+               "--served-model-name", "bench", "--host", "127.0.0.1", "--port", str(port), "--dtype", args.dtype,
+               "--max-num-seqs", str(args.batch_size), "--no-enable-chunked-prefill", "--generation-config", "vllm",
+               "--enable-prefix-caching", "--disable-log-stats"]
+    if not args.vllm_compile:
+        command.append("--enforce-eager")
+    url = f"http://127.0.0.1:{port}/v1"
+    start = time.perf_counter()
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                              start_new_session=True)
+    try:
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"the vLLM server exited ({server.returncode})")
+            try:
+                with urllib.request.urlopen(f"{url}/models", timeout=5) as answer:
+                    if json_.load(answer)["data"]:
+                        break
+            except OSError:
+                time.sleep(1)
+        startup = time.perf_counter() - start
+        out = Path(tempfile.mkdtemp()) / "out"
+        start = time.perf_counter()
+        result = build(config(args, output=str(out), backend="openai", base_url=url, model="bench",
+                              tokenizer=source.path, max_concurrency=args.batch_size), progress=False)
+        seconds = time.perf_counter() - start
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait()
+    import datasets
+
+    rows = datasets.load_dataset(str(out), split="train")
+    useful = sum(rows["chosen_tokens"]) + sum(rows["rejected_tokens"])
+    return {"pairs": result.stats.pairs, "seconds": seconds, "generated_tokens": result.stats.generated_tokens,
+            "useful_tokens": useful, "startup_seconds": startup}
+
+
 def ceiling(args) -> dict:
     """Measured matmul rate (F.linear at the batch size) / forward FLOPs per token (2 x parameters used per token)."""
     import torch
@@ -198,7 +258,8 @@ def ceiling(args) -> dict:
 
 
 def child(args) -> None:
-    result = {"a": run_baseline, "b": run_build, "c": run_vllm, "d": run_vllm, "ceiling": ceiling}[args.child](args)
+    result = {"a": run_baseline, "b": run_build, "c": run_vllm, "d": run_vllm, "e": run_served,
+              "ceiling": ceiling}[args.child](args)
     result["peak_rss_mb"] = result.pop("tree_peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print("RESULT " + json.dumps(result))
 
@@ -224,7 +285,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--hh", default=str(HH_PROMPTS))
     parser.add_argument("--runs", type=int, default=1)
-    parser.add_argument("--only", nargs="+", choices=["a", "b", "c", "d"],
+    parser.add_argument("--only", nargs="+", choices=["a", "b", "c", "d", "e"],
                         help="run only these (ratios need a; (c)/(d) needs both)")
     parser.add_argument("--vllm-threads-bind", metavar="CPUS",
                         help="(c) VLLM_CPU_OMP_THREADS_BIND, e.g. auto for vLLM's own binding (it leaves one CPU to "
@@ -252,7 +313,7 @@ def measure(args) -> None:
         compile_cache["VLLM_CPU_OMP_THREADS_BIND"] = args.vllm_threads_bind
     for run in range(args.runs):
         for which in runs:
-            r = spawn(args, which, compile_cache if which in "cd" else None)
+            r = spawn(args, which, compile_cache if which in "cde" else None)
             runs[which].append(r)
             rate = r["generated_tokens"] / r["seconds"]
             start = ""
@@ -272,6 +333,9 @@ def measure(args) -> None:
                   f"peak RSS {med[w]['peak_rss_mb'] / med['a']['peak_rss_mb']:.2f}", flush=True)
     if "c" in pps and "d" in pps:
         print(f"ratio (c)/(d), the watcher's cost: pairs/s {pps['c'] / pps['d']:.3f}", flush=True)
+    if "c" in pps and "e" in pps:
+        print(f"ratio (e)/(c), served over in-process: pairs/s {pps['e'] / pps['c']:.2f}; client peak RSS "
+              f"{med['e']['peak_rss_mb']:.0f} MB", flush=True)
 
 
 if __name__ == "__main__":

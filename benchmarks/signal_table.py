@@ -8,6 +8,13 @@ a MiniLM reward model trained on the build (`rlcd-data train reward`, then `eval
     .venv/bin/python benchmarks/signal_table.py out/h300-text out/h300-chat --judge out/judge-rm \\
         --validation ../shared/data/hh-rlhf/harmless-base-validation.jsonl --train-rm
 
+With --base-url, it first builds the table's configurations with a model on an OpenAI-compatible server
+(`rlcd-data build --base-url`, the text and the chat format, 300 prompts by default), so a 7B simulator's
+rows come from one command:
+
+    .venv/bin/python benchmarks/signal_table.py --base-url http://127.0.0.1:8000/v1 --model Qwen/Qwen2.5-7B-Instruct \
+        --judge out/judge-rm --validation ../shared/data/hh-rlhf/harmless-base-validation.jsonl --train-rm
+
 Run it alone: the reward models train on the same two cores.
 """
 
@@ -103,9 +110,33 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def served_builds(args) -> list[Path]:
+    """Build each --formats configuration through the server into --work (resumed if interrupted)."""
+    folders = []
+    for prompt_format in args.formats:
+        out = args.work / f"{re.sub(r'[^A-Za-z0-9.-]+', '-', args.model)}-{args.limit}-{prompt_format}"
+        command = [sys.executable, "-m", "rlcd_data", "build", "harmless", "--prompts", args.prompts, "--limit",
+                   str(args.limit), "--base-url", args.base_url, "--model", args.model, "--prompt-format",
+                   prompt_format, "--output", str(out)]
+        if args.tokenizer:
+            command += ["--tokenizer", args.tokenizer]
+        if (out / ".rlcd-build").is_dir():
+            command.append("--resume")
+        subprocess.run(command, check=True)
+        folders.append(out)
+    return folders
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("builds", nargs="+", type=Path)
+    parser.add_argument("builds", nargs="*", type=Path)
+    parser.add_argument("--base-url", help="Build the configurations first with the model this server serves.")
+    parser.add_argument("--model", help="With --base-url: the served model's name.")
+    parser.add_argument("--tokenizer", help="With --base-url: the served model's tokenizer (default: --model).")
+    parser.add_argument("--prompts", default=str(Path(__file__).resolve().parent.parent.parent / "shared" / "data" /
+                                                 "hh-rlhf" / "harmless-base-prompts.jsonl"))
+    parser.add_argument("--limit", type=int, default=300)
+    parser.add_argument("--formats", nargs="+", default=["text", "chat"], choices=["text", "chat"])
     parser.add_argument("--judge", help="Reward model folder judging the labels (e.g. trained on human pairs).")
     parser.add_argument("--validation", help="Human-labelled pairs for --train-rm.")
     parser.add_argument("--train-rm", action="store_true", help="Train a MiniLM reward model on each build.")
@@ -114,6 +145,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.train_rm and not args.validation:
         parser.error("--train-rm needs --validation")
+    if args.base_url:
+        if not args.model:
+            parser.error("--base-url needs --model (the served model's name)")
+        args.builds += served_builds(args)
+    if not args.builds:
+        parser.error("give build folders, or --base-url and --model to build them")
     rows = [row(b, args.judge, args.validation if args.train_rm else None, args.work) for b in args.builds]
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")

@@ -83,3 +83,12 @@ def test_no_module_takes_part_in_an_import_cycle():
     assert ["rlcd_data.tasks.chat", "rlcd_data.tasks.conversation"] in [
         sorted(c) for c in strongly_connected(graph) if len(c) > 1
     ]
+
+
+def test_the_public_api_is_where_it_was():
+    import rlcd_data
+    from rlcd_data import BuildConfig, RlcdError, RunOptions, build, load_task  # noqa: F401
+
+    assert set(rlcd_data.__all__) >= {"BuildConfig", "RlcdError", "RunOptions", "build", "load_task"}
+    assert load_task("harmless").name == "harmless"
+    assert callable(rlcd_data.build)  # not shadowed by a subpackage of that name (the build lives in pipeline/)

@@ -28,6 +28,11 @@ def add_parser(sub) -> None:
                     help="An LLM judge (causal LM folder, Hub id or embedded model) comparing the two responses with "
                          "the task's compare.jinja, in both orders (position-debiased).")
     po.add_argument("--judge-task", default="harmless", help="Task whose compare.jinja the judge reads.")
+    po.add_argument("--judge-base-url", help="Judge with the model a server serves as --judge (an OpenAI-compatible "
+                                             "API root, e.g. http://127.0.0.1:8000/v1).")
+    po.add_argument("--judge-tokenizer", help="With --judge-base-url: the served judge's tokenizer (default: --judge).")
+    po.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                    help="With --judge-base-url: the environment variable holding the API key.")
     po.add_argument("--judge-quantization", default="none", choices=("none", "8bit", "4bit"))
     po.add_argument("--judge-prompt-format", default="text", choices=FORMATS,
                     help="How the judge sees the comparison (auto: chat when it has a chat template).")
@@ -71,6 +76,7 @@ def run(args) -> int:
         batch_size=args.batch_size, seed=args.seed, samples_path=args.samples, backend=args.backend,
         prompt_format=args.prompt_format, judge=args.judge, judge_task=args.judge_task,
         judge_quantization=args.judge_quantization, judge_prompt_format=args.judge_prompt_format,
+        judge_server=(args.judge_base_url, args.judge_tokenizer, args.api_key_env) if args.judge_base_url else None,
     )
     parts = [f"{report['prompts']} prompts"]
     if args.reward_model:

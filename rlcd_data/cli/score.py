@@ -28,6 +28,11 @@ def add_parser(sub) -> None:
     parser.add_argument("--prompt-format", default="text", choices=FORMATS,
                         help="text (the rating prompt as it is) or chat (as a user message, through the model's "
                              "chat template); auto: chat when the model has a template.")
+    parser.add_argument("--base-url", help="Rate with the model a server serves as --llm (an OpenAI-compatible API "
+                                           "root, e.g. http://127.0.0.1:8000/v1).")
+    parser.add_argument("--tokenizer", help="With --base-url: the served model's tokenizer (default: --llm).")
+    parser.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                        help="With --base-url: the environment variable holding the API key.")
     parser.add_argument("--json", action="store_true", help="Print one JSON object instead of a summary.")
 
 
@@ -42,9 +47,15 @@ def run(args) -> int:
 
         raise RlcdError(f"task {task.name!r} has no rate.jinja: it cannot rate responses")
     pairs = load_pairs(args.pairs, args.split, args.limit)
-    rater, chat = open_rater(args.llm, args.quantization, batch_size=args.batch_size, prompt_format=args.prompt_format)
+    rater, chat = open_rater(args.llm, args.quantization, batch_size=args.batch_size, prompt_format=args.prompt_format,
+                             base_url=args.base_url, tokenizer=args.tokenizer, api_key_env=args.api_key_env)
     report = {**rate_pairs(rater, task, pairs, chat, progress=True),
               "llm": args.llm, "prompt_format": "chat" if chat else "text"}
+    if args.base_url:
+        from ..generate.server import public_url
+
+        report.update(server=public_url(args.base_url), missing_labels=rater.missing_labels)
+        rater.server.close()
     print(json.dumps(report) if args.json else
           f"{args.llm} rated {report['pairs']} pairs of {args.pairs}: agreement {report['agreement']:.1%} (chosen "
           f"rated higher), mean score chosen {report['mean_score_chosen']:.2f} vs rejected "

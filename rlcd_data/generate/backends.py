@@ -35,6 +35,8 @@ def choose_backend(backend: str, quantization: str, model: str | None = None) ->
     Raises:
         RlcdError: ``vllm`` asked for where it cannot run the request.
     """
+    if backend == "openai":
+        return "openai", "--base-url"
     import torch
 
     from .vllm_engine import unsupported_architecture, vllm_available
@@ -79,6 +81,8 @@ def open_generator(config):
     Raises:
         RlcdError: the model cannot be found or loaded.
     """
+    if config.backend == "openai":
+        return open_server(config)
     if config.backend == "vllm":
         from .models import model_not_found, resolve_model
         from .vllm_engine import VLLMEngine, VLLMGenerator, VLLMLabeller
@@ -103,3 +107,53 @@ def open_generator(config):
     generator = TransformersGenerator(model, tokenizer, config.batch_size, source.description)
     return generator, lambda: TransformersLabeller(model, tokenizer, config.batch_size)
 
+
+def open_server(config):
+    """(generator, labeller factory) on the OpenAI-compatible server of ``config.base_url``; the labeller is
+    checked to get log-probabilities before any work depends on it.
+
+    Raises:
+        RlcdError: no tokenizer for the served model; the server cannot be reached, refuses the key, does not
+            serve the model, or cannot apply a setting.
+    """
+    from .models import load_tokenizer
+    from .openai_engine import OpenAIGenerator, OpenAILabeller
+    from .server import Server
+
+    try:
+        tokenizer = load_tokenizer(config.tokenizer or config.model)
+    except RlcdError as e:
+        raise RlcdError(f"--backend openai needs the served model's tokenizer: pass --tokenizer (a folder, Hub id or "
+                        f"embedded model) ({e})") from None
+    server = Server(config.base_url, config.model, api_key_env=config.api_key_env,
+                    max_concurrency=config.max_concurrency, request_rate=config.request_rate,
+                    timeout=config.request_timeout)
+    generator = OpenAIGenerator(server, tokenizer, f"{config.model} on {server.url} ({server.kind} server)")
+    try:
+        generator.check_settings(config.sampling())
+    except RlcdError:
+        server.close()
+        raise
+
+    def labeller():
+        labeller = OpenAILabeller(server, tokenizer)
+        labeller.first_option_probability(["Is this a question? The answer is: ("])  # fails without logprobs
+        return labeller
+
+    return generator, labeller
+
+
+def open_served(model: str, base_url: str, tokenizer: str | None = None, api_key_env: str = "OPENAI_API_KEY"):
+    """(server, tokenizer) for a model on an OpenAI-compatible server, for the rater or the judge.
+
+    Raises:
+        RlcdError: as `open_server`.
+    """
+    from .models import load_tokenizer
+    from .server import Server
+
+    try:
+        loaded = load_tokenizer(tokenizer or model)
+    except RlcdError as e:
+        raise RlcdError(f"a served model needs its tokenizer at hand: pass --tokenizer ({e})") from None
+    return Server(base_url, model, api_key_env=api_key_env), loaded

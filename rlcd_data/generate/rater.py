@@ -13,6 +13,7 @@ between the scores 1 and 10 (the same forward pass reads both positions).
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 from ..errors import RlcdError
 from ..tasks.task import RATING_START
 from .labeller import forward_last
+from .openai_engine import NextTokenReader
 
 SCORES = tuple(range(1, 11))
 
@@ -95,6 +97,37 @@ class LLMRater:
         return [to_reward(s) for s in self.expected_scores(prompts)]
 
 
+class OpenAIRater(NextTokenReader):
+    """The d-RLAIF rater on a server (`.server`): the expected 1-10 score after each rating prompt, read as
+    `LLMRater` reads it, from the server's log-probabilities of the score tokens."""
+
+    def __init__(self, server, tokenizer):
+        super().__init__(server, tokenizer)
+        self.score_ids, self.zero_id = score_token_ids(tokenizer)
+
+    def expected_scores(self, prompts: Sequence[str], on_rows=None) -> list[float]:
+        digits = self.distributions(prompts, self.score_ids)
+        if self.zero_id is None:
+            scores = [sum(p * s for p, s in zip(d, SCORES)) for d in digits]
+        else:  # 10 is "1" then "0": P(0 | "1") over the whole vocabulary splits the mass of 1
+            one = self.tokenizer.decode([self.score_ids[0]])
+            zero = self._zero_after_one([p + one for p in prompts])
+            scores = [sum(p * s for p, s in zip(d, range(1, 10))) + 9 * d[0] * z for d, z in zip(digits, zero)]
+        if on_rows:
+            on_rows(len(prompts))
+        return scores
+
+    def _zero_after_one(self, prompts: list[str]) -> list[float]:
+        return self.server.gather([self._probability(p, self.zero_id) for p in prompts])
+
+    async def _probability(self, prompt: str, token_id: int) -> float:
+        found = await self._logprobs(prompt, [token_id])
+        return 0.0 if found is None else math.exp(found[0])
+
+    def rewards(self, prompts: Sequence[str]) -> list[float]:
+        return [to_reward(s) for s in self.expected_scores(prompts)]
+
+
 class LLMRewards:
     """An `LLMRater` as PPO's reward (``train ppo --reward_llm``): each response's rating prompt is the
     task's rate.jinja; the reward is the expected score mapped to [-1, 1]."""
@@ -142,16 +175,25 @@ def rate_pairs(rater: LLMRater, task, pairs, chat=None, progress: bool = False) 
 
 
 def open_rater(model: str, quantization: str = "none", dtype: str = "auto", batch_size: int = 16,
-               prompt_format: str = "text") -> tuple[LLMRater, object]:
-    """A rater on ``model`` (a folder, a Hub id or an embedded model; 8-/4-bit with ``quantization``) and
-    the chat renderer of its prompts (None in the text format; ``auto``: chat when the model has a template).
+               prompt_format: str = "text", base_url: str | None = None, tokenizer: str | None = None,
+               api_key_env: str = "OPENAI_API_KEY") -> tuple[LLMRater, object]:
+    """A rater on ``model`` (a folder, a Hub id or an embedded model; 8-/4-bit with ``quantization``; or the
+    model a server at ``base_url`` serves under that name, its ``tokenizer`` at hand) and the chat renderer of
+    its prompts (None in the text format; ``auto``: chat when the model has a template).
 
     Raises:
-        RlcdError: the model cannot be loaded, or does not write the scores as next tokens.
+        RlcdError: the model cannot be loaded or reached, or does not write the scores as next tokens.
     """
     from ..tasks.chat import ChatRenderer, resolve_format
     from .models import load_causal_lm, resolve_dtype
 
-    loaded, tokenizer, _ = load_causal_lm(model, quantization, resolve_dtype(dtype, quantization))
-    resolved = resolve_format(prompt_format, True, tokenizer, "rate", model)
-    return LLMRater(loaded, tokenizer, batch_size), ChatRenderer(tokenizer, model) if resolved == "chat" else None
+    if base_url:
+        from .backends import open_served
+
+        server, loaded_tokenizer = open_served(model, base_url, tokenizer, api_key_env)
+        rater = OpenAIRater(server, loaded_tokenizer)
+    else:
+        loaded, loaded_tokenizer, _ = load_causal_lm(model, quantization, resolve_dtype(dtype, quantization))
+        rater = LLMRater(loaded, loaded_tokenizer, batch_size)
+    resolved = resolve_format(prompt_format, True, loaded_tokenizer, "rate", model)
+    return rater, ChatRenderer(loaded_tokenizer, model) if resolved == "chat" else None

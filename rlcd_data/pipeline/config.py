@@ -19,7 +19,7 @@ from .methods import METHODS
 
 QUANTIZATIONS = ("auto", "8bit", "4bit", "none")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-BACKENDS = ("auto", "vllm", "transformers")
+BACKENDS = ("auto", "vllm", "transformers", "openai")
 FORMATS = ("standard", "conversational")
 # Sampling temperature per prompt format: the paper's 1.0 for text; 0.7 for chat, where it measured
 # more separable pairs with the embedded instruct model (docs/tasks.md).
@@ -27,7 +27,8 @@ DEFAULT_TEMPERATURE = {"text": 1.0, "chat": 0.7}
 SCORED_METHODS = tuple(sorted(name for name, m in METHODS.items() if m.scored))
 
 # Fields that do not change what a build writes; a resumed build may differ in them.
-OUTPUT_NEUTRAL_FIELDS = frozenset({"output", "batch_size", "tensor_parallel_size", "kv_cache_gib"})
+OUTPUT_NEUTRAL_FIELDS = frozenset({"output", "batch_size", "tensor_parallel_size", "kv_cache_gib", "base_url",
+                                   "api_key_env", "max_concurrency", "request_rate", "request_timeout"})
 
 
 @dataclass
@@ -115,6 +116,28 @@ class BuildConfig:
             "choices": BACKENDS,
         },
     )
+    base_url: str | None = field(
+        default=None,
+        metadata={"help": "openai: the API root of an OpenAI-compatible server (`vllm serve`, SGLang, TGI, llama.cpp, "
+                          "a hosted API), e.g. http://127.0.0.1:8000/v1; --model is then the served model's name. "
+                          "Implies --backend openai. Recorded without user-info or query string."},
+    )
+    api_key_env: str = field(
+        default="OPENAI_API_KEY",
+        metadata={"help": "openai: the environment variable holding the server's API key (never recorded)."},
+    )
+    tokenizer: str | None = field(
+        default=None,
+        metadata={"help": "openai: the served model's tokenizer (a folder, Hub id or embedded model name), for the "
+                          "chat format, token counts, banned tokens and label tokens. Default: --model."},
+    )
+    max_concurrency: int = field(default=64, metadata={"help": "openai: requests in flight at most."})
+    request_rate: float | None = field(
+        default=None, metadata={"help": "openai: requests started per second at most. Default: no limit."}
+    )
+    request_timeout: float = field(
+        default=600.0, metadata={"help": "openai: seconds a request may take before it is retried."}
+    )
     tensor_parallel_size: int = field(default=1, metadata={"help": "vllm: GPUs per engine (tensor parallelism)."})
     kv_cache_gib: float | None = field(
         default=None,
@@ -201,8 +224,20 @@ class BuildConfig:
             if getattr(self, flag) and self.method not in SCORED_METHODS:
                 raise RlcdError(f"--{flag.replace('_', '-')} applies to {' and '.join(SCORED_METHODS)}, "
                                 f"not --method {self.method}")
+        self._check_server()
         if self.output is None:
             self.output = f"rlcd-{self.task}"
+
+    def _check_server(self) -> None:
+        if self.base_url and self.backend == "auto":
+            self.backend = "openai"
+        if (self.backend == "openai") != bool(self.base_url):
+            raise RlcdError("--backend openai and --base-url go together" if self.backend == "openai" else
+                            f"--base-url needs --backend openai (or auto), not --backend {self.backend}")
+        if self.max_concurrency < 1:
+            raise RlcdError(f"max_concurrency must be at least 1, got {self.max_concurrency}")
+        if self.request_rate is not None and self.request_rate <= 0:
+            raise RlcdError(f"request_rate must be positive, got {self.request_rate}")
 
     def with_prompt_format(self, resolved: str) -> BuildConfig:
         """This configuration with ``auto`` format and default temperature replaced by what they stand for."""
@@ -216,8 +251,15 @@ class BuildConfig:
             top_p=self.top_p, top_k=self.top_k, repetition_penalty=self.repetition_penalty,
         )
 
+    def public(self) -> BuildConfig:
+        """This configuration as it may be shown and recorded: the server URL without user-info or query."""
+        from ..generate.server import public_url
+
+        return dataclasses.replace(self, base_url=public_url(self.base_url)) if self.base_url else self
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields as recorded (`public`)."""
+        return dataclasses.asdict(self.public())
 
     def output_fields(self) -> dict[str, Any]:
         """The fields that change the output (not batch size, output folder or run actions)."""

@@ -34,7 +34,9 @@ class Decoding:
                  progress: BuildProgress, save: Callable[[list[tuple[int, dict | None]], bool], None]):
         self.pairs, self.generator, self.config, self.method = pairs, generator, config, method
         self.progress, self.save = progress, save
-        self.scheduler = RetryScheduler(config.max_retries, config.batch_size)
+        # Engines with free batch slots fill them with later attempts; a server charges for every request.
+        speculative = getattr(generator, "speculative_attempts", True)
+        self.scheduler = RetryScheduler(config.max_retries, config.batch_size if speculative else 0)
         self.finished: set[int] = set()
         self.ready: list[tuple[int, dict | None]] = []  # finished, not saved yet
         self.retried = 0  # re-generations of failed outputs
@@ -57,8 +59,8 @@ class Decoding:
         texts, seeds = zip(*(self._request(*r) for r in attempts))
         try:
             completions = self.generator.generate(list(texts), list(seeds), self.config.sampling(), self._on_progress)
-        except KeyboardInterrupt:
-            self._flush()  # examples finished in the interrupted call: kept for --resume
+        except BaseException:  # an interrupt, or a server gone: what the call finished is kept for --resume
+            self._flush()
             raise
         for index, completion in enumerate(completions):
             if index not in self.reported:  # a generator that reports no progress
@@ -105,5 +107,5 @@ class Decoding:
         self.progress.update(pairs=1, retried=self.retried)
 
     def _flush(self, call_over: bool = False) -> None:
-        self.save(sorted(self.ready), call_over)
-        self.ready.clear()
+        ready, self.ready = sorted(self.ready), []  # a failed save is not tried again while the error unwinds
+        self.save(ready, call_over)

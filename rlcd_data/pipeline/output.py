@@ -172,6 +172,8 @@ def render_card(
         splits: split name -> (num_examples, num_bytes in memory).
     """
     from datasets import DatasetInfo, SplitDict, SplitInfo
+
+    config = config.public()  # no credentials in a card
     from datasets.info import DatasetInfosDict
     from datasets.utils.metadata import MetadataConfigs
     from huggingface_hub import DatasetCard, DatasetCardData
@@ -238,10 +240,11 @@ def build_command(config: BuildConfig) -> str:
     import shlex
 
     parts = ["rlcd-data", "build", config.task]
+    recorded = config.to_dict()  # as recorded: the server URL without credentials
     for f in dataclasses.fields(config):
         if f.name in ("task", "output"):
             continue
-        value = getattr(config, f.name)
+        value = recorded[f.name]
         default = f.default
         if value != default:
             flag = "--" + f.name.replace("_", "-")

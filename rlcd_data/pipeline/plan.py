@@ -55,7 +55,7 @@ def prepare(config: BuildConfig, tokenizer: Callable[[], object] | None = None) 
     )
     loaded = None
     if config.prompt_format != "text" and task.has_chat:
-        loaded = tokenizer() if tokenizer is not None else load_tokenizer(config.model)
+        loaded = tokenizer() if tokenizer is not None else load_tokenizer(config.tokenizer or config.model)
     resolved = resolve_format(config.prompt_format, task.has_chat, loaded, task.name, config.model)
     config = config.with_prompt_format(resolved)
     chat = ChatRenderer(loaded, config.model) if resolved == "chat" else None
@@ -90,4 +90,4 @@ def interrupted_backend(staging: Path) -> str | None:
     """The engine an interrupted build in ``staging`` recorded, if any."""
     path = staging / STATE_FILE
     backend = json.loads(path.read_text())["config"].get("backend") if path.is_file() else None
-    return backend if backend in ("transformers", "vllm") else None
+    return backend if backend in ("transformers", "vllm", "openai") else None

@@ -13,9 +13,10 @@ class BuildProgress:
     Args:
         total: pairs of the whole build; done: those finished before this run (a resume).
         label: the bar's description; enabled: False draws nothing.
+        status: returns more to show, e.g. a server's requests in flight and HTTP retries.
     """
 
-    def __init__(self, total: int, done: int, label: str, enabled: bool = True):
+    def __init__(self, total: int, done: int, label: str, enabled: bool = True, status=None):
         from tqdm.auto import tqdm
 
         self.enabled = enabled
@@ -24,6 +25,7 @@ class BuildProgress:
         self.tokens = 0
         self.retried = 0
         self._drawn_at = 0.0
+        self.status = status
 
     def update(self, pairs: int = 0, tokens: int = 0, retried: int | None = None) -> None:
         """Count finished pairs and generated tokens; ``retried``: re-generations so far."""
@@ -34,7 +36,8 @@ class BuildProgress:
         if not self.enabled or not pairs and now - self._drawn_at < 1.0:
             return
         rate = self.tokens / max(now - self.started, 1e-9)
-        self.bar.set_postfix_str(f"{rate:.0f} tok/s, {self.retried} retried", refresh=False)
+        more = f", {self.status()}" if self.status else ""
+        self.bar.set_postfix_str(f"{rate:.0f} tok/s, {self.retried} retried{more}", refresh=False)
         if pairs:
             self.bar.update(pairs)  # draws when tqdm's own interval has passed
         if self.bar.last_print_n != self.bar.n or not pairs:

@@ -18,6 +18,8 @@ class BuildStats:
     examples_dropped: int = 0  # an output still failed after max_retries re-generations
     outputs_retried: int = 0  # re-generations of failed outputs
     generated_tokens: int = 0
+    requests_retried: int = 0  # a server's requests sent again (429, 5xx, timeouts, dropped connections)
+    labels_missing_tokens: int = 0  # a server's labels with a label token missing from its log-probabilities
     seconds: float = 0.0
     dropped_source_indices: list[int] = field(default_factory=list)
 

@@ -83,7 +83,7 @@ class Build:
         self.started = time.monotonic()
         self.options, self.generator, self.progress = options, generator, progress
         self.opened = generator is None  # the build opens (and closes) the engine itself
-        if self.opened:  # the model is loaded here: record the dtype `auto` stands for on this machine
+        if self.opened and not config.base_url:  # the model loads here: record what dtype `auto` stands for
             from ..generate.models import resolve_dtype
 
             config = dataclasses.replace(config, dtype=resolve_dtype(config.dtype, config.quantization))
@@ -144,10 +144,10 @@ class Build:
             from ..generate.backends import open_generator
 
             self.generator, make_labeller = open_generator(self.config)
-            if self.progress:
-                print(f"rlcd-data: generating with {self.config.backend} ({self.why})", file=sys.stderr)
             if self.method.scored and labeller is None:
                 self.labeller = make_labeller()
+            if self.progress:
+                print(f"rlcd-data: generating with {self.config.backend} ({self.why})", file=sys.stderr)
         elif self.method.scored and labeller is None:
             from ..generate.labeller import TransformersLabeller
 
@@ -160,12 +160,16 @@ class Build:
         """Sample every pending example's outputs, retrying failed ones; finished examples are labelled
         (scored methods) and saved to the staging folder as they come."""
         self.bar = BuildProgress(len(self.pairs), len(self.pairs) - len(self.todo),
-                                 f"{self.method.name} {self.config.task}", self.progress)
+                                 f"{self.method.name} {self.config.task}", self.progress,
+                                 status=getattr(self.generator, "status", None))
         if self.unlabelled:  # decoded before an interruption
             self._label()
         self.stats.outputs_retried = Decoding(self.todo, self.generator, self.config, self.method, self.bar,
                                               self._save).run()
         self.stats.generated_tokens = self.bar.tokens
+        server = getattr(self.generator, "server", None)  # a model server: its retries and label gaps
+        self.stats.requests_retried = server.retried if server else 0
+        self.stats.labels_missing_tokens = getattr(self.labeller, "missing_labels", 0)
 
     def _save(self, finished: list[tuple[int, dict | None]], call_over: bool) -> None:
         """Stage finished examples: their rows (decoded pairs wait for the labeller in scored methods) and

@@ -106,6 +106,7 @@ def evaluate_policy(
     judge_task: str = "harmless",
     judge_quantization: str = "none",
     judge_prompt_format: str = "text",
+    judge_server: tuple[str, str | None, str] | None = None,
     base: str | None = None,
     prompt_column: str | None = None,
     split: str = "train",
@@ -136,6 +137,7 @@ def evaluate_policy(
             Both sides are sampled in it; rewards score the text form.
         judge, judge_task, judge_quantization, judge_prompt_format: the judge model, the task whose
             compare.jinja it reads, its bitsandbytes loading, and how it sees the comparison.
+        judge_server: (base URL, tokenizer or None, API key variable) of a server serving ``judge``.
 
     Returns:
         prompts, mean reward of each side, the policy's win rate by reward,
@@ -181,7 +183,7 @@ def evaluate_policy(
     better = None
     if judge:
         judged, better = _judge(judge, judge_task, judge_quantization, judge_prompt_format, batch_size, texts,
-                                sides["policy"][3], sides["base"][3])
+                                sides["policy"][3], sides["base"][3], judge_server)
         report.update(judged, judge=judge)
     for side, (completions, responses, _, _) in sides.items():
         report[f"{side}_mean_tokens"] = statistics.fmean(c.num_tokens for c in completions)
@@ -206,8 +208,8 @@ def evaluate_policy(
 
 
 def _judge(judge: str, task_name: str, quantization: str, prompt_format: str, batch_size: int, prompts: list[str],
-           policy: list[str], base: list[str]) -> tuple[dict, list[float]]:
-    """`judge_comparison` with the judge model loaded (and released) here."""
+           policy: list[str], base: list[str], server: tuple | None = None) -> tuple[dict, list[float]]:
+    """`judge_comparison` with the judge model loaded (and released) here, or on its server."""
     from ..errors import RlcdError
     from ..generate.labeller import TransformersLabeller
     from ..generate.models import load_causal_lm, resolve_dtype
@@ -217,9 +219,22 @@ def _judge(judge: str, task_name: str, quantization: str, prompt_format: str, ba
     task = load_task(task_name)
     if not task.has_scorer:
         raise RlcdError(f"eval policy: task {task.name!r} has no compare.jinja for the judge; pick another --judge-task")
-    model, tokenizer, _ = load_causal_lm(judge, quantization, resolve_dtype("auto", quantization))
+    if server:
+        from ..generate.backends import open_served
+        from ..generate.openai_engine import OpenAILabeller
+        from ..generate.server import public_url
+
+        connection, tokenizer = open_served(judge, server[0], server[1], server[2])
+        labeller = OpenAILabeller(connection, tokenizer)
+    else:
+        model, tokenizer, _ = load_causal_lm(judge, quantization, resolve_dtype("auto", quantization))
+        labeller = TransformersLabeller(model, tokenizer, batch_size)
     chat = ChatRenderer(tokenizer, judge) if resolve_format(prompt_format, True, tokenizer, "judge", judge) == "chat" else None
-    return judge_comparison(TransformersLabeller(model, tokenizer, batch_size), task, prompts, policy, base, chat)
+    report, better = judge_comparison(labeller, task, prompts, policy, base, chat)
+    if server:
+        report.update(judge_server=public_url(server[0]), judge_missing_labels=labeller.missing_labels)
+        connection.close()
+    return report, better
 
 
 def _sample(engine: str, model: str, texts: list[str], seeds: list[int], settings, batch_size: int,

@@ -1,0 +1,200 @@
+"""Generation, A/B labels and 1-10 ratings from a model on an OpenAI-compatible server (`.server`).
+
+Prompts go to the completions API as the exact strings the project renders (text or chat format, the
+model's own tokenizer at hand), one request per (prompt, seed), every sampling parameter sent explicitly
+(vLLM's server otherwise applies the model's ``generation_config.json`` defaults). Ended versus cut off comes
+from ``finish_reason``; token counts from ``usage``.
+
+On a vLLM server (``owned_by: vllm`` in ``/v1/models``) requests also carry vLLM's own parameters: no special
+tokens added to the prompt and stop strings kept in the text (as the in-process engines do), ``top_k``,
+``repetition_penalty``, and the banned characters as an ``allowed_token_ids`` whitelist. Other servers get the
+OpenAI parameters only: an output with a banned character is a failed output (retried), and
+``--top-k``/``--repetition-penalty`` are refused.
+
+Labels and ratings read the next token's log-probabilities (``max_tokens`` 1) and renormalise over the label
+tokens. vLLM returns those of the label tokens themselves (``logprob_token_ids``); other servers their top-k
+(5, the OpenAI completions API's cap), where a label token missing is given the lowest log-probability
+returned (an upper bound on its own), and all missing gives equal probabilities (0.5 for A/B);
+`missing_labels` counts such answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Sequence
+
+from ..errors import RlcdError
+from ..tasks.conversation import STOP_STRINGS
+from .engine import Completion, ProgressCallback, SamplingSettings, banned_token_ids
+from .server import Server
+
+TOP_LOGPROBS = {"vllm": 20, "openai-compatible": 5}  # vLLM's default cap; the OpenAI completions API's
+
+
+def _has_choice(response) -> bool:
+    return bool(getattr(response, "choices", None)) and isinstance(response.choices[0].text, str)
+
+
+class OpenAIGenerator:
+    """The build's `Generator` on a `Server`; ``tokenizer`` is the served model's (token ids and counts)."""
+
+    speculative_attempts = False  # a later attempt of an output is requested only when the earlier ones failed
+
+    def __init__(self, server: Server, tokenizer, description: str):
+        self.server, self.tokenizer, self.description = server, tokenizer, description
+        self._allowed: dict[str, list[int] | None] = {}
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def close(self) -> None:
+        self.server.close()
+
+    def status(self) -> str:
+        """For the progress line: requests in flight, and HTTP requests retried (429, 5xx, timeouts, ...)."""
+        return f"{self.server.in_flight} in flight, {self.server.retried} requests retried"
+
+    def check_settings(self, settings: SamplingSettings) -> None:
+        """Raises RlcdError: a setting this server cannot apply."""
+        if self.server.kind != "vllm" and (settings.top_k or settings.repetition_penalty != 1.0):
+            raise RlcdError(f"the server at {self.server.url} is not vLLM: --top-k and --repetition-penalty "
+                            "need vLLM's own parameters (leave them at 0 and 1)")
+
+    def _parameters(self, settings: SamplingSettings, seed: int) -> dict:
+        parameters = dict(max_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p,
+                          seed=seed, stop=list(STOP_STRINGS), n=1, presence_penalty=0.0, frequency_penalty=0.0)
+        if self.server.kind == "vllm":
+            extra = dict(top_k=settings.top_k, min_p=0.0, repetition_penalty=settings.repetition_penalty,
+                         include_stop_str_in_output=True, add_special_tokens=False, skip_special_tokens=True)
+            if (allowed := self._allowed_tokens(settings.banned_characters)) is not None:
+                extra["allowed_token_ids"] = allowed
+            parameters["extra_body"] = extra
+        return parameters
+
+    def _allowed_tokens(self, banned_characters: str) -> list[int] | None:
+        if banned_characters not in self._allowed:
+            banned = set(banned_token_ids(self.tokenizer, banned_characters))
+            self._allowed[banned_characters] = [i for i in range(len(self.tokenizer)) if i not in banned] \
+                if banned else None
+        return self._allowed[banned_characters]
+
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int], settings: SamplingSettings,
+                 on_progress: ProgressCallback | None = None) -> list[Completion]:
+        self.check_settings(settings)
+        return self.server.run(self._generate(list(zip(prompts, seeds)), settings, on_progress))
+
+    async def _generate(self, requests, settings, on_progress) -> list[Completion]:
+        results: dict[int, Completion] = {}
+        running: dict[asyncio.Future, int] = {}
+
+        def start(i: int, prompt: str, seed: int) -> None:
+            running[asyncio.ensure_future(self._one(prompt, seed, settings))] = i
+
+        for i, (prompt, seed) in enumerate(requests):
+            start(i, prompt, seed)
+        count = len(requests)
+        try:
+            while running:
+                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                finished, failed = [], None
+                for task in done:
+                    i = running.pop(task)
+                    if task.exception() is not None:
+                        failed = failed or task.exception()
+                        continue
+                    results[i] = task.result()
+                    finished.append((i, results[i]))
+                more = on_progress(finished, sum(c.num_tokens for _, c in finished)) if on_progress else None
+                if failed is not None:  # what finished beside it is saved first
+                    raise failed
+                for prompt, seed in more or ():
+                    start(count, prompt, seed)
+                    count += 1
+        finally:
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+        return [results[i] for i in range(count)]
+
+    async def _one(self, prompt: str, seed: int, settings: SamplingSettings) -> Completion:
+        server = self.server
+        response = await server.request(
+            lambda: server.client.completions.create(model=server.model, prompt=prompt,
+                                                     **self._parameters(settings, seed)), _has_choice)
+        choice = response.choices[0]
+        tokens = response.usage.completion_tokens if response.usage else self.count_tokens(choice.text)
+        if server.kind == "vllm":  # "stop" with no stop string matched is end-of-sequence
+            ended = choice.finish_reason == "stop" and not isinstance(getattr(choice, "stop_reason", None), str)
+            return Completion(choice.text, tokens, ended)
+        if any(c in choice.text for c in settings.banned_characters):
+            return Completion("", tokens, False)  # a failed output: retried like any other
+        # Other servers cut the stop string from the text: "stop" is the end of the turn either way.
+        return Completion(choice.text, tokens, choice.finish_reason == "stop")
+
+
+class NextTokenReader:
+    """Probabilities over a few candidate next tokens, from the server's log-probabilities of the next token.
+
+    vLLM returns the log-probabilities of exactly the tokens asked for (``logprob_token_ids``), so the
+    candidates are always there; other servers return their top-k, from which a candidate may be missing.
+    """
+
+    def __init__(self, server: Server, tokenizer):
+        self.server, self.tokenizer = server, tokenizer
+        self.missing_labels = 0  # answers where a candidate was not among the returned log-probabilities
+
+    def distributions(self, prompts: Sequence[str], candidates: list[int]) -> list[list[float]]:
+        """For each prompt, the probabilities of ``candidates`` as its next token, renormalised over them."""
+        return self.server.gather([self._distribution(p, candidates) for p in prompts])
+
+    async def _distribution(self, prompt: str, candidates: list[int]) -> list[float]:
+        found = await self._logprobs(prompt, candidates)
+        if found is None:
+            return [1 / len(candidates)] * len(candidates)
+        weights = [math.exp(v - max(found)) for v in found]
+        return [w / sum(weights) for w in weights]
+
+    async def _logprobs(self, prompt: str, candidates: list[int]) -> list[float] | None:
+        """The log-probabilities of ``candidates`` as the next token (over the whole vocabulary). A candidate
+        missing from the answer gets the lowest one returned (an upper bound on its own); None: all missing."""
+        server = self.server
+        extra, top_k = None, TOP_LOGPROBS[server.kind]
+        if server.kind == "vllm":
+            extra = dict(add_special_tokens=False, return_tokens_as_token_ids=True, logprob_token_ids=list(candidates))
+            top_k = len(candidates)
+        response = await server.request(
+            lambda: server.client.completions.create(model=server.model, prompt=prompt, max_tokens=1, temperature=1.0,
+                                                     seed=0, logprobs=top_k, extra_body=extra),
+            _has_choice)
+        logprobs = response.choices[0].logprobs
+        if logprobs is None or not logprobs.top_logprobs:
+            raise RlcdError(f"the server at {server.url} returned no logprobs; labels and ratings read the next "
+                            "token's log-probabilities (use a server that returns them, e.g. vLLM)")
+        top = logprobs.top_logprobs[0]
+        found = [top.get(self._key(t)) for t in candidates]
+        if None not in found:
+            return found
+        self.missing_labels += 1
+        if all(v is None for v in found):
+            return None
+        lowest = min(top.values())
+        return [lowest if v is None else v for v in found]
+
+    def _key(self, token_id: int) -> str:
+        if self.server.kind == "vllm":
+            return f"token_id:{token_id}"
+        return self.tokenizer.decode([token_id])
+
+
+class OpenAILabeller(NextTokenReader):
+    """The A/B labeller on a server: P(A) among the two option tokens after each comparison prompt."""
+
+    def __init__(self, server: Server, tokenizer):
+        from .labeller import option_token_ids
+
+        super().__init__(server, tokenizer)
+        self.options = list(option_token_ids(tokenizer))
+
+    def first_option_probability(self, prompts: Sequence[str]) -> list[float]:
+        return [d[0] for d in self.distributions(prompts, self.options)]
