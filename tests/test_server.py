@@ -73,7 +73,7 @@ def test_the_server_gets_the_rendered_prompts_with_a_seed_and_every_sampling_par
 
 
 def test_another_server_gets_openai_parameters_only_and_banned_characters_are_retried(tiny_model_dir, tmp_path):
-    fake = FakeServer(kind="openai-compatible", backticks=True)
+    fake = FakeServer(kind="openai-compatible", backticks=True, option_tokens={"A": 0, "B": 0})
     try:
         result = build(config(fake, tiny_model_dir, tmp_path / "out"), progress=False)
         assert not {"allowed_token_ids", "top_k", "add_special_tokens"} & {k for b in fake.completions for k in b}
@@ -81,8 +81,24 @@ def test_another_server_gets_openai_parameters_only_and_banned_characters_are_re
         assert not any("`" in r["chosen"] + r["rejected"] for r in rows(tmp_path / "out"))
         with pytest.raises(RlcdError, match="not vLLM: --top-k"):
             build(config(fake, tiny_model_dir, tmp_path / "k", top_k=5), progress=False)
+        cot = build(config(fake, tiny_model_dir, tmp_path / "cot", method="rlaif", label_cot=True, limit=2),
+                    progress=False)  # the rationales are greedy: temperature 0, not top-k 1
+        assert cot.stats.pairs == 2
+        assert any(b["temperature"] == 0.0 and b["max_tokens"] > 1 for b in fake.completions)
     finally:
         fake.stop()
+
+
+def test_a_label_token_missing_from_the_top_k_is_bounded_and_counted(tiny_model_dir, tmp_path):
+    fake = FakeServer(kind="openai-compatible", option_tokens={"A": 0, "Sure": 0})  # B is never among them
+    try:
+        result = build(config(fake, tiny_model_dir, tmp_path / "out", method="rlaif", limit=3), progress=False)
+    finally:
+        fake.stop()
+    # B is given the lowest log-probability returned (an upper bound on its own), and every label is counted
+    assert result.stats.labels_missing_tokens == 3 and result.stats.pairs == 3
+    line = next(x for x in (tmp_path / "out" / "README.md").read_text().splitlines() if "label token missing" in x)
+    assert line.endswith("| 3 |")
 
 
 def test_requests_in_flight_stay_within_max_concurrency(tiny_model_dir, tmp_path):

@@ -558,27 +558,3 @@ def test_ppo_gradient_checkpointing_covers_policy_and_value_but_not_rollouts(tin
                          "--gradient_checkpointing", "true", "--prompt_format", "text")) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ppo_updates"] == 2
     assert seen["training"] == (True, True) and seen["generating"] == {False}
-
-
-def test_ppo_computes_logits_over_responses_only_and_they_match_the_full_ones(tiny_model_dir):
-    """The recipe's PPO forward passes skip the prompt's logits; the slice TRL reads is unchanged, generation
-    still gets its own logits_to_keep, and a slice reaching into the prompt fails instead of reading garbage."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from rlcd_data.train.ppo import _logits_over_responses_only
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    ids = torch.randint(5, 1000, (2, 30))
-    full = model(input_ids=ids).logits
-    positions = []  # how many positions the output layer computes, call by call
-    model.lm_head.register_forward_hook(lambda module, args, output: positions.append(args[0].shape[1]))
-    _logits_over_responses_only(model, keep=9)
-    with torch.no_grad():
-        tail = model(input_ids=ids).logits
-        torch.testing.assert_close(tail[:, 21:-1], full[:, 21:-1])
-        torch.testing.assert_close(tail[:, 22:-1], full[:, 22:-1])
-        with pytest.raises(IndexError, match="last 9 positions"):
-            tail[:, 20:-1]
-        model.generate(ids[:1, :5], max_new_tokens=3, do_sample=False)
-    assert positions[0] == 9 and set(positions[1:]) == {1}

@@ -29,7 +29,7 @@ from ..tasks.conversation import STOP_STRINGS
 from .engine import Completion, ProgressCallback, SamplingSettings, banned_token_ids
 from .server import Server
 
-TOP_LOGPROBS = {"vllm": 20, "openai-compatible": 5}  # vLLM's default cap; the OpenAI completions API's
+TOP_LOGPROBS = 5  # the OpenAI completions API's cap; vLLM is asked for the label tokens themselves
 
 
 def _has_choice(response) -> bool:
@@ -57,12 +57,14 @@ class OpenAIGenerator:
 
     def check_settings(self, settings: SamplingSettings) -> None:
         """Raises RlcdError: a setting this server cannot apply."""
-        if self.server.kind != "vllm" and (settings.top_k or settings.repetition_penalty != 1.0):
+        if self.server.kind != "vllm" and (settings.top_k > 1 or settings.repetition_penalty != 1.0):
             raise RlcdError(f"the server at {self.server.url} is not vLLM: --top-k and --repetition-penalty "
                             "need vLLM's own parameters (leave them at 0 and 1)")
 
     def _parameters(self, settings: SamplingSettings, seed: int) -> dict:
-        parameters = dict(max_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p,
+        # top-k 1 (the --label-cot rationales) is greedy: temperature 0 in the OpenAI API
+        temperature = 0.0 if settings.top_k == 1 and self.server.kind != "vllm" else settings.temperature
+        parameters = dict(max_tokens=settings.max_new_tokens, temperature=temperature, top_p=settings.top_p,
                           seed=seed, stop=list(STOP_STRINGS), n=1, presence_penalty=0.0, frequency_penalty=0.0)
         if self.server.kind == "vllm":
             extra = dict(top_k=settings.top_k, min_p=0.0, repetition_penalty=settings.repetition_penalty,
@@ -159,7 +161,7 @@ class NextTokenReader:
         """The log-probabilities of ``candidates`` as the next token (over the whole vocabulary). A candidate
         missing from the answer gets the lowest one returned (an upper bound on its own); None: all missing."""
         server = self.server
-        extra, top_k = None, TOP_LOGPROBS[server.kind]
+        extra, top_k = None, TOP_LOGPROBS
         if server.kind == "vllm":
             extra = dict(add_special_tokens=False, return_tokens_as_token_ids=True, logprob_token_ids=list(candidates))
             top_k = len(candidates)

