@@ -293,3 +293,24 @@ def test_score_and_the_policy_judge_read_logprobs_from_the_server(server, tiny_m
     assert report["judge"] == server.model and report["judge_server"] == server.url
     assert 0 <= report["judge_win_rate"] <= 1 and report["judge_missing_labels"] == 0
     assert len([b for b in server.completions if b["max_tokens"] == 1]) == 16 + 6  # both orders of 3 pairs
+
+
+def test_ppo_rewarded_by_a_rater_on_a_server(server, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """Direct RLAIF with the rater behind a server: two PPO updates, the ratings read from the server's
+    log-probabilities, and the recorded URL without its credentials."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-123")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Tell me about number {i}."}) + "\n" for i in range(8)))
+    out = tmp_path / "ppo"
+    url = server.url.replace("http://", "http://user:pa55@")
+    assert main(["train", "ppo", "--reward_llm", server.model, "--rater_base_url", url, "--rater_tokenizer",
+                 str(tiny_model_dir), "--policy", str(tiny_model_dir), "--prompts", str(prompts), "--output_dir",
+                 str(out), "--preset", "ppo-cpu", "--per_device_train_batch_size", "4",
+                 "--gradient_accumulation_steps", "1", "--local_rollout_forward_batch_size", "4",
+                 "--response_length", "12", "--steps", "2", "--learning_rate", "1e-3", "--disable_tqdm", "true",
+                 "--prompt_format", "text"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["ppo_updates"] == 2 and metrics["reward"].startswith(f"LLM rater {server.model}")
+    assert any(b.get("logprob_token_ids") for b in server.completions)  # the rewards came from the server
+    for path in [p for p in out.rglob("*") if p.is_file() and p.suffix in (".md", ".json", ".yaml")]:
+        assert "pa55" not in path.read_text() and "sk-secret-123" not in path.read_text(), path

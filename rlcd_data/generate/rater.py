@@ -134,7 +134,7 @@ class LLMRewards:
 
     def __init__(self, rater: LLMRater, task, chat=None):
         self.rater, self.task, self.chat = rater, task, chat
-        self.model = rater.model
+        self.model = getattr(rater, "model", None)  # None: a rater on a server
 
     def score_responses(self, prompts: list[str], responses: list[str]) -> list[float]:
         return self.rater.rewards([self.task.render_rating(p, r, self.chat) for p, r in zip(prompts, responses)])

@@ -75,7 +75,11 @@ class Server:
                                          default_query=dict(parse_qsl(parts.query)) or None,
                                          api_key=os.environ.get(api_key_env) or "none", max_retries=max_retries,
                                          timeout=timeout, http_client=http)
-        self.kind = self.run(self._check())
+        try:
+            self.kind = self.run(self._check())
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def retried(self) -> int:
@@ -110,7 +114,8 @@ class Server:
     async def _check(self) -> str:
         """The server's kind ("vllm" or "openai-compatible"), once it answers and serves the model."""
         self.requests += 1
-        served = [m async for m in self.client.models.list()]
+        # one retry only: a server that is not there should fail the command now, not after the backoff
+        served = [m async for m in self.client.with_options(max_retries=1).models.list()]
         names = [m.id for m in served]
         if self.model not in names:
             raise RlcdError(f"the server at {self.url} does not serve model {self.model!r} "
@@ -164,8 +169,7 @@ class Server:
         if isinstance(e, openai.APIConnectionError):
             cause = e.__cause__ or e.__context__
             why = str(cause).splitlines()[0] if cause and str(cause) else "no connection"
-            return RlcdError(f"cannot reach the server at {self.url} ({why}), {self.max_retries} retries included; "
-                             f"{RESUME_HINT}")
+            return RlcdError(f"cannot reach the server at {self.url} ({why}), retries included; {RESUME_HINT}")
         if isinstance(e, (openai.AuthenticationError, openai.PermissionDeniedError)):
             where = f"${self.api_key_env} is not set" if not os.environ.get(self.api_key_env) else \
                 f"the key in ${self.api_key_env} was refused"

@@ -122,10 +122,16 @@ def save_trained(trainer, tokenizer, output_dir: str, quantized: bool):
 def finish(output_dir: str, *, recipe: str, base: str, dataset: str, metrics: dict, configs: tuple, preset: str | None,
            argv: list[str] | None, pipeline_tag: str, settings: dict | None = None) -> dict:
     """Write the model card and record of a trained model (settings: those differing from the defaults of
-    ``configs``, plus ``settings``); returns ``metrics``."""
+    ``configs``, plus ``settings``); returns ``metrics``. URLs are recorded without user-info or query."""
+    from ..generate.server import public_url
+
+    def shown(value):
+        return public_url(value) if isinstance(value, str) and "://" in value else value
+
+    settings = {"preset": preset, **changed_settings(*configs), **(settings or {})}
     write_model_card(
         output_dir, recipe=recipe, base_model=base, dataset=dataset, metrics=metrics, pipeline_tag=pipeline_tag,
-        settings={"preset": preset, **changed_settings(*configs), **(settings or {})}, argv=argv,
+        settings={k: shown(v) for k, v in settings.items()}, argv=[shown(a) for a in argv] if argv else argv,
     )
     return metrics
 

@@ -40,6 +40,16 @@ class PPOScriptArguments:
     rater_prompt_format: str = field(
         default="text", metadata={"help": "--reward_llm: text, chat or auto (chat when the rater has a template)."}
     )
+    rater_base_url: str | None = field(
+        default=None, metadata={"help": "--reward_llm: rate with the model an OpenAI-compatible server at this URL "
+                                        "serves under that name (e.g. http://127.0.0.1:8000/v1)."},
+    )
+    rater_tokenizer: str | None = field(
+        default=None, metadata={"help": "--rater_base_url: the served rater's tokenizer (default: --reward_llm)."}
+    )
+    rater_api_key_env: str = field(
+        default="OPENAI_API_KEY", metadata={"help": "--rater_base_url: the environment variable holding the API key."}
+    )
     policy: str = field(
         default=None,
         metadata={"help": "Policy to improve: a folder, a Hub id, or `smollm2-135m-instruct` (the embedded model)."},

@@ -21,7 +21,9 @@ def open_reward(script):
     task = load_task(script.rater_task)
     if not task.has_rater:
         raise RlcdError(f"train ppo: task {task.name!r} has no rate.jinja; pick another --rater_task")
-    rater, chat = open_rater(script.reward_llm, script.rater_quantization, prompt_format=script.rater_prompt_format)
+    rater, chat = open_rater(script.reward_llm, script.rater_quantization, prompt_format=script.rater_prompt_format,
+                             base_url=script.rater_base_url, tokenizer=script.rater_tokenizer,
+                             api_key_env=script.rater_api_key_env)
     return LLMRewards(rater, task, chat)
 
 
@@ -54,13 +56,14 @@ def reward_adapter_class():
                      policy_generation_config=None):
             super().__init__()
             self.scorer = reward
-            self.reward = reward.model  # registered, so .to(device) moves it
+            # registered, so .to(device) moves it; a rater on a server has no model here
+            self.reward = reward.model if reward.model is not None else nn.Identity()
             self.policy_tokenizer = policy_tokenizer
             self.eos_ids = set(end_of_sequence_ids(policy_tokenizer, policy_generation_config))
             self.prompts = prompt_ids
             self.lengths = sorted({len(k) for k in prompt_ids}, reverse=True)
             self.penalty = penalty
-            self.config = reward.model.config
+            self.config = reward.model.config if reward.model is not None else policy_generation_config
 
         def split(self, ids: list[int]) -> tuple[str, list[int]]:
             for n in self.lengths:
