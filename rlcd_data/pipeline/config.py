@@ -112,7 +112,8 @@ class BuildConfig:
             "help": "Generation engine. vllm = vLLM (`pip install 'rlcd-data[vllm]'`); transformers = transformers' "
             "generate (needed for 8-/4-bit bitsandbytes on a CPU and for architectures vLLM lacks). auto = vllm "
             "where it is installed and can run the request (on a CPU too: measured faster there), transformers "
-            "otherwise. The build records which one ran.",
+            "otherwise; openai = a model on an OpenAI-compatible server (--base-url, which implies it). The build "
+            "records which one ran.",
             "choices": BACKENDS,
         },
     )
