@@ -227,7 +227,8 @@ def test_a_server_that_goes_down_ends_the_build_in_one_line_and_resume_finishes_
     fake.down_after = 10
     out = tmp_path / "out"
     # two requests in flight, sent in pair order: the 10 answered before the server goes down are 5 whole pairs
-    args = cli(fake.url, fake.model, tiny_model_dir, out, "--limit", "12", "--batch-size", "2", "--max-concurrency", "2")
+    args = cli(fake.url, fake.model, tiny_model_dir, out, "--limit", "12", "--batch-size", "2",
+               "--max-concurrency", "2")
     err = one_line_error(args, capsys)
     assert f"the server at {fake.url}" in err and "--resume" in err
     kept = [json.loads(line) for p in (out / ".rlcd-build").glob("part-*.jsonl") for line in p.read_text().splitlines()]
