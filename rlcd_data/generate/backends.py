@@ -116,18 +116,11 @@ def open_server(config):
         RlcdError: no tokenizer for the served model; the server cannot be reached, refuses the key, does not
             serve the model, or cannot apply a setting.
     """
-    from .models import load_tokenizer
     from .openai_engine import OpenAIGenerator, OpenAILabeller
-    from .server import Server
 
-    try:
-        tokenizer = load_tokenizer(config.tokenizer or config.model)
-    except RlcdError as e:
-        raise RlcdError(f"--backend openai needs the served model's tokenizer: pass --tokenizer (a folder, Hub id or "
-                        f"embedded model) ({e})") from None
-    server = Server(config.base_url, config.model, api_key_env=config.api_key_env,
-                    max_concurrency=config.max_concurrency, request_rate=config.request_rate,
-                    timeout=config.request_timeout)
+    server, tokenizer = open_served(config.model, config.base_url, config.tokenizer, config.api_key_env,
+                                    max_concurrency=config.max_concurrency, request_rate=config.request_rate,
+                                    timeout=config.request_timeout)
     generator = OpenAIGenerator(server, tokenizer, f"{config.model} on {server.url} ({server.kind} server)")
     try:
         generator.check_settings(config.sampling())
@@ -144,11 +137,14 @@ def open_server(config):
     return generator, labeller
 
 
-def open_served(model: str, base_url: str, tokenizer: str | None = None, api_key_env: str = "OPENAI_API_KEY"):
-    """(server, tokenizer) for a model on an OpenAI-compatible server, for the rater or the judge.
+def open_served(model: str, base_url: str, tokenizer: str | None = None, api_key_env: str = "OPENAI_API_KEY",
+                **options):
+    """(server, tokenizer) for a model on an OpenAI-compatible server: the build's, the rater's or the judge's.
+    ``options`` go to `Server` (concurrency, rate, timeout).
 
     Raises:
-        RlcdError: as `open_server`.
+        RlcdError: no tokenizer for the served model; the server cannot be reached, refuses the key, or does
+            not serve the model.
     """
     from .models import load_tokenizer
     from .server import Server
@@ -156,5 +152,6 @@ def open_served(model: str, base_url: str, tokenizer: str | None = None, api_key
     try:
         loaded = load_tokenizer(tokenizer or model)
     except RlcdError as e:
-        raise RlcdError(f"a served model needs its tokenizer at hand: pass --tokenizer ({e})") from None
-    return Server(base_url, model, api_key_env=api_key_env), loaded
+        raise RlcdError(f"a served model needs its tokenizer at hand: pass --tokenizer (a folder, Hub id or "
+                        f"embedded model) ({e})") from None
+    return Server(base_url, model, api_key_env=api_key_env, **options), loaded

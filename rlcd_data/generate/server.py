@@ -11,7 +11,6 @@ has no user-info and no query string.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -126,6 +125,8 @@ class Server:
     async def request(self, call: Callable[[], Awaitable[Any]], valid: Callable[[Any], bool]) -> Any:
         """``await call()`` within the concurrency limit and the request rate; a response that ``valid``
         rejects (or that is not JSON) is retried like a failed request."""
+        import openai
+
         self.requests += 1
         async with self._limit:
             self.in_flight += 1
@@ -134,7 +135,7 @@ class Server:
                     await self._pace()
                     try:
                         response = await call()
-                    except (json.JSONDecodeError, ValueError, TypeError, AttributeError, KeyError) as e:
+                    except (ValueError, openai.APIResponseValidationError) as e:  # not JSON, or not its shape
                         problem = e
                     else:
                         if valid(response):

@@ -63,7 +63,7 @@ def reward_adapter_class():
             self.prompts = prompt_ids
             self.lengths = sorted({len(k) for k in prompt_ids}, reverse=True)
             self.penalty = penalty
-            self.config = reward.model.config if reward.model is not None else policy_generation_config
+            self.config = getattr(reward.model, "config", None)
 
         def split(self, ids: list[int]) -> tuple[str, list[int]]:
             for n in self.lengths:
