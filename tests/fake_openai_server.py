@@ -3,7 +3,8 @@
 Completions are a function of (prompt, seed) alone, so a build's rows do not depend on which requests
 failed or in which order they finished. ``faults`` is a queue: each completions request takes the next
 fault, if any: "429" (with Retry-After), "500", "hang" (past the client's timeout), "malformed" (a 200 whose
-body is not JSON), "401", "drop" (the connection closes without an answer); "hang" lasts 5 s. ``down_after`` stops answering
+body is not JSON), "401", "drop" (the connection closes without an answer); "hang" lasts 5 s. Both the
+completions and the chat completions API are served, except by kind "chat-only" and "completions-only". ``down_after`` stops answering
 (connections refused) once that many completions have been served.
 """
 
@@ -26,6 +27,11 @@ def reply(prompt: str, seed: int, backticks: bool = False) -> str:
     return f" Reply {digest[:10]} with care."
 
 
+class _Quiet(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        pass  # a client that closes its connection (after an error, a timeout, a kill) is no server error
+
+
 class FakeServer:
     def __init__(self, model: str = "served-model", kind: str = "vllm", api_key: str | None = None,
                  logprobs: bool = True, option_tokens: dict[str, int] | None = None, delay: float = 0.0,
@@ -40,7 +46,7 @@ class FakeServer:
         self.arrivals: list[float] = []  # when each completions request arrived (time.monotonic)
         self.served = 0
         self.lock = threading.Lock()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.httpd = _Quiet(("127.0.0.1", 0), self._handler())
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_port}/v1"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
@@ -90,8 +96,10 @@ class FakeServer:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                 if not self._authorised():
                     return
-                path = urlsplit(self.path).path
-                if not path.rstrip("/").endswith("/completions") or "/chat/" in path or server.kind == "chat-only":
+                path = urlsplit(self.path).path.rstrip("/")
+                chat = path.endswith("/chat/completions")
+                if not path.endswith("/completions") or (server.kind == "chat-only" and not chat) or \
+                        (server.kind == "completions-only" and chat):
                     self._send(404, {"error": {"message": "not found"}})
                     return
                 with server.lock:
@@ -126,7 +134,7 @@ class FakeServer:
                     server.active += 1
                     server.max_active = max(server.max_active, server.active)
                 time.sleep(server.delay)
-                answer = server.answer(body)
+                answer = server.answer_chat(body) if chat else server.answer(body)
                 with server.lock:
                     server.active -= 1
                 self._send(200, answer)
@@ -148,6 +156,30 @@ class FakeServer:
         tokens = len(text.split())
         return {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": self.model, "choices": [choice],
                 "usage": {"prompt_tokens": 1, "completion_tokens": tokens, "total_tokens": tokens + 1}}
+
+    def answer_chat(self, body: dict) -> dict:
+        """A chat completion: a function of (messages, seed), or the reply's first token's top log-probabilities
+        (over the option tokens' texts, or A and B)."""
+        with self.lock:
+            self.completions.append(body)
+            self.served += 1
+        key, seed = json.dumps(body["messages"], ensure_ascii=False), body.get("seed", 0)
+        usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+        if body.get("max_tokens") == 1 and body.get("logprobs"):
+            digest = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 16**8
+            keys = list(self.option_tokens) or ["A", "B"]
+            weights = [digest] + [(1 - digest) / max(len(keys) - 1, 1)] * (len(keys) - 1)
+            top = [{"token": k, "logprob": math.log(max(w, 1e-9)), "bytes": None} for k, w in zip(keys, weights)]
+            content = [{**top[0], "top_logprobs": top[: body.get("top_logprobs") or 0]}]
+            choice = {"index": 0, "message": {"role": "assistant", "content": keys[0]},
+                      "logprobs": {"content": content} if self.logprobs else None, "finish_reason": "length"}
+        else:
+            text = reply(key, seed, self.backticks)
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": "stop"}
+            usage = {"prompt_tokens": 1, "completion_tokens": len(text.split()), "total_tokens": len(text.split()) + 1}
+        return {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": self.model,
+                "choices": [choice], "usage": usage}
 
     def _label(self, body: dict) -> dict:
         """The next token's log-probabilities: a preference for the first candidate that depends on the

@@ -69,7 +69,7 @@ def test_the_server_gets_the_rendered_prompts_with_a_seed_and_every_sampling_par
     assert all(r["chosen"].strip().startswith("Reply ") and "Human" not in r["chosen"] for r in data)  # cut at the stop
     saved = (tmp_path / "out" / "rlcd_build.yaml").read_text()
     assert "backend: openai" in saved and f"base_url: {server.url}" in saved
-    assert f"{server.model} on {server.url} (vllm server)" in (tmp_path / "out" / "README.md").read_text()
+    assert f"{server.model} on {server.url} (vllm server, completions API)" in (tmp_path / "out" / "README.md").read_text()
 
 
 def test_another_server_gets_openai_parameters_only_and_banned_characters_are_retried(tiny_model_dir, tmp_path):
@@ -197,7 +197,7 @@ def test_bad_servers_are_one_line_errors(tiny_model_dir, tmp_path, capsys, monke
     chat_only = FakeServer(kind="chat-only")
     try:
         err = one_line_error(cli(chat_only.url, chat_only.model, tiny_model_dir, tmp_path / "f"), capsys)
-        assert "has no completions API" in err and "chat-only servers are not supported yet" in err
+        assert "has no completions API" in err and "--server-api chat" in err
     finally:
         chat_only.stop()
 

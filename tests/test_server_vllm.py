@@ -111,7 +111,30 @@ def test_a_build_through_vllms_server_sends_the_rendered_prompts(vllm_server, ti
     assert {b["prompt"] for b in recorded} == rendered
     seeds = [b["seed"] for b in recorded]
     assert len(seeds) == len(set(seeds)) == len(recorded)
-    assert "(vllm server)" in (tmp_path / "out" / "README.md").read_text()
+    assert "(vllm server, completions API)" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_a_chat_api_build_and_its_labels_through_vllms_server(vllm_server, tmp_path, recorded, monkeypatch):
+    """--server-api chat, as against a hosted API (no tokenizer given): the messages go to /chat/completions,
+    where vLLM applies the tiny model's own template; rlaif labels read the reply's first token's top 20."""
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    out = tmp_path / "out"
+    result = build(BuildConfig(task="harmless", output=str(out), base_url=vllm_server, model=NAME, server_api="chat",
+                               method="rlaif", limit=4, max_new_tokens=24), progress=False)
+    assert result.config.prompt_format == "chat" and result.stats.pairs + result.stats.examples_dropped == 4
+    assert recorded and all(isinstance(b.get("messages"), list) and "prompt" not in b for b in recorded)
+    samples = [b for b in recorded if b["max_tokens"] == 24]
+    labels = [b for b in recorded if b["max_tokens"] == 1]
+    assert len(samples) >= 8 and len({b["seed"] for b in samples}) == len(samples)
+    assert all(b["messages"][-1]["role"] == "user" for b in samples)
+    assert len(labels) == 1 + result.stats.pairs and all(b["top_logprobs"] == 20 for b in labels)
+    assert result.stats.labels_missing_tokens <= result.stats.pairs  # the random model rarely writes A or B first
+    card = (out / "README.md").read_text()
+    assert "(vllm server, chat completions API)" in card and "chat format's messages above" in card
+    if result.stats.pairs:
+        import datasets
+
+        assert all(0.5 <= p <= 1 for p in datasets.load_dataset(str(out), split="train")["chosen_probability"])
 
 
 def test_labels_through_the_server_match_the_in_process_vllm_labeller(vllm_server, vllm_engine, monkeypatch):

@@ -33,6 +33,10 @@ def add_parser(sub) -> None:
     po.add_argument("--judge-tokenizer", help="With --judge-base-url: the served judge's tokenizer (default: --judge).")
     po.add_argument("--api-key-env", default="OPENAI_API_KEY",
                     help="With --judge-base-url: the environment variable holding the API key.")
+    po.add_argument("--judge-server-api", default="completions", choices=("completions", "chat"),
+                    help="With --judge-base-url: completions (the rendered comparison; needs the tokenizer) or chat "
+                         "(the comparison as a user message to the chat completions API, for chat-only servers "
+                         "such as hosted APIs; --judge-prompt-format does not apply).")
     po.add_argument("--judge-quantization", default="none", choices=("none", "8bit", "4bit"))
     po.add_argument("--judge-prompt-format", default="text", choices=FORMATS,
                     help="How the judge sees the comparison (auto: chat when it has a chat template).")
@@ -76,7 +80,8 @@ def run(args) -> int:
         batch_size=args.batch_size, seed=args.seed, samples_path=args.samples, backend=args.backend,
         prompt_format=args.prompt_format, judge=args.judge, judge_task=args.judge_task,
         judge_quantization=args.judge_quantization, judge_prompt_format=args.judge_prompt_format,
-        judge_server=(args.judge_base_url, args.judge_tokenizer, args.api_key_env) if args.judge_base_url else None,
+        judge_server=(args.judge_base_url, args.judge_tokenizer, args.api_key_env, args.judge_server_api)
+        if args.judge_base_url else None,
     )
     parts = [f"{report['prompts']} prompts"]
     if args.reward_model:

@@ -33,6 +33,10 @@ def add_parser(sub) -> None:
     parser.add_argument("--tokenizer", help="With --base-url: the served model's tokenizer (default: --llm).")
     parser.add_argument("--api-key-env", default="OPENAI_API_KEY",
                         help="With --base-url: the environment variable holding the API key.")
+    parser.add_argument("--server-api", default="completions", choices=("completions", "chat"),
+                        help="With --base-url: completions (the rendered prompt string; needs the tokenizer) or chat "
+                             "(the rating question as a user message to the chat completions API, for chat-only "
+                             "servers; --prompt-format does not apply).")
     parser.add_argument("--json", action="store_true", help="Print one JSON object instead of a summary.")
 
 
@@ -47,14 +51,17 @@ def run(args) -> int:
 
         raise RlcdError(f"task {task.name!r} has no rate.jinja: it cannot rate responses")
     pairs = load_pairs(args.pairs, args.split, args.limit)
-    rater, chat = open_rater(args.llm, args.quantization, batch_size=args.batch_size, prompt_format=args.prompt_format,
-                             base_url=args.base_url, tokenizer=args.tokenizer, api_key_env=args.api_key_env)
+    chat_api = bool(args.base_url) and args.server_api == "chat"
+    rater, chat = open_rater(args.llm, args.quantization, batch_size=args.batch_size,
+                             prompt_format="chat" if chat_api else args.prompt_format, base_url=args.base_url,
+                             tokenizer=args.tokenizer, api_key_env=args.api_key_env, server_api=args.server_api)
     report = {**rate_pairs(rater, task, pairs, chat, progress=True),
               "llm": args.llm, "prompt_format": "chat" if chat else "text"}
     if args.base_url:
         from ..generate.server import public_url
 
-        report.update(server=public_url(args.base_url), missing_labels=rater.missing_labels)
+        report.update(server=public_url(args.base_url), server_api=args.server_api,
+                      missing_labels=rater.missing_labels)
         rater.server.close()
     print(json.dumps(report) if args.json else
           f"{args.llm} rated {report['pairs']} pairs of {args.pairs}: agreement {report['agreement']:.1%} (chosen "

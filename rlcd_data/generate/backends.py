@@ -116,12 +116,14 @@ def open_server(config):
         RlcdError: no tokenizer for the served model; the server cannot be reached, refuses the key, does not
             serve the model, or cannot apply a setting.
     """
+    from ..tasks.chat import MessagesRenderer
     from .openai_engine import OpenAIGenerator, OpenAILabeller
 
     server, tokenizer = open_served(config.model, config.base_url, config.tokenizer, config.api_key_env,
-                                    max_concurrency=config.max_concurrency, request_rate=config.request_rate,
-                                    timeout=config.request_timeout)
-    generator = OpenAIGenerator(server, tokenizer, f"{config.model} on {server.url} ({server.kind} server)")
+                                    api=config.server_api, max_concurrency=config.max_concurrency,
+                                    request_rate=config.request_rate, timeout=config.request_timeout)
+    api = "chat completions API" if server.api == "chat" else "completions API"
+    generator = OpenAIGenerator(server, tokenizer, f"{config.model} on {server.url} ({server.kind} server, {api})")
     try:
         generator.check_settings(config.sampling())
     except RlcdError:
@@ -130,7 +132,10 @@ def open_server(config):
 
     def labeller():
         labeller = OpenAILabeller(server, tokenizer)
-        labeller.first_option_probability(["Is this a question? The answer is: ("])  # fails without logprobs
+        question = "Is this a question? The answer is: ("
+        if server.api == "chat":
+            question = MessagesRenderer().comparison(question, "The answer is: (", "Answer A (yes) or B (no) alone.")
+        labeller.first_option_probability([question])  # fails without logprobs
         labeller.missing_labels = 0  # the card counts the build's labels, not this check's
         return labeller
 
@@ -138,9 +143,11 @@ def open_server(config):
 
 
 def open_served(model: str, base_url: str, tokenizer: str | None = None, api_key_env: str = "OPENAI_API_KEY",
-                **options):
+                api: str = "completions", **options):
     """(server, tokenizer) for a model on an OpenAI-compatible server: the build's, the rater's or the judge's.
-    ``options`` go to `Server` (concurrency, rate, timeout).
+    ``api``: completions (the tokenizer is needed: ``tokenizer``, default ``model``) or chat (the tokenizer is
+    optional: ``tokenizer`` if given, else None; the model's name is not looked up anywhere). ``options`` go
+    to `Server` (concurrency, rate, timeout).
 
     Raises:
         RlcdError: no tokenizer for the served model; the server cannot be reached, refuses the key, or does
@@ -149,9 +156,12 @@ def open_served(model: str, base_url: str, tokenizer: str | None = None, api_key
     from .models import load_tokenizer
     from .server import Server
 
-    try:
-        loaded = load_tokenizer(tokenizer or model)
-    except RlcdError as e:
-        raise RlcdError(f"a served model needs its tokenizer at hand: pass --tokenizer (a folder, Hub id or "
-                        f"embedded model) ({e})") from None
-    return Server(base_url, model, api_key_env=api_key_env, **options), loaded
+    loaded = None
+    if api != "chat" or tokenizer:
+        try:
+            loaded = load_tokenizer(tokenizer or model)
+        except RlcdError as e:
+            raise RlcdError(f"a served model needs its tokenizer at hand for the completions API: pass --tokenizer "
+                            f"(a folder, Hub id or embedded model), or send chat messages (--server-api chat) "
+                            f"({e})") from None
+    return Server(base_url, model, api_key_env=api_key_env, api=api, **options), loaded

@@ -16,6 +16,7 @@ from typing import Protocol
 from ..errors import RlcdError
 
 ANSWER_PREFIX = "The answer is: ("
+OPTIONS = ("A", "B")
 
 
 class Labeller(Protocol):

@@ -16,6 +16,14 @@ tokens. vLLM returns those of the label tokens themselves (``logprob_token_ids``
 (5, the OpenAI completions API's cap), where a label token missing is given the lowest log-probability
 returned (an upper bound on its own), and all missing gives equal probabilities (0.5 for A/B);
 `missing_labels` counts such answers.
+
+With ``--server-api chat`` (``server.api == "chat"``) every prompt is a list of chat messages
+(`rlcd_data.tasks.chat.MessagesRenderer`) sent to the chat completions API, which applies the model's
+template; the tokenizer is optional. Token counts then come from ``usage`` alone; without a tokenizer,
+banned characters are retried as on other servers. Labels and ratings read the first token of the reply
+from its top 20 log-probabilities (the OpenAI API's cap), matched by text: the label's letter or number,
+spaces stripped, variants of one label summed ("A" and " A"). A rating of 10 counts where the server's
+tokenizer writes it as one token; where it writes "1" then "0", its mass goes to 1.
 """
 
 from __future__ import annotations
@@ -25,27 +33,55 @@ import math
 from collections.abc import Sequence
 
 from ..errors import RlcdError
+from ..tasks.chat import decode_messages
 from ..tasks.conversation import STOP_STRINGS
 from .engine import Completion, ProgressCallback, SamplingSettings, banned_token_ids
 from .server import Server
 
 TOP_LOGPROBS = 5  # the OpenAI completions API's cap; vLLM is asked for the label tokens themselves
+CHAT_TOP_LOGPROBS = 20  # the OpenAI chat completions API's cap
 
 
 def _has_choice(response) -> bool:
     return bool(getattr(response, "choices", None)) and isinstance(response.choices[0].text, str)
 
 
+def _log_add(a: float, b: float) -> float:
+    """log(exp(a) + exp(b))."""
+    high = max(a, b)
+    return high + math.log1p(math.exp(min(a, b) - high))
+
+
+def _has_message(response) -> bool:
+    choices = getattr(response, "choices", None)
+    return bool(choices) and getattr(choices[0], "message", None) is not None and \
+        isinstance(choices[0].message.content, str)
+
+
+def _call(server: Server, prompt: str, **parameters):
+    """(the request, its validity check) of ``prompt`` in the server's API: the prompt string to the
+    completions API, or its messages to the chat completions API."""
+    if server.api == "chat":
+        messages = decode_messages(prompt)
+        return (lambda: server.client.chat.completions.create(model=server.model, messages=messages,
+                                                               **parameters)), _has_message
+    return (lambda: server.client.completions.create(model=server.model, prompt=prompt, **parameters)), _has_choice
+
+
 class OpenAIGenerator:
-    """The build's `Generator` on a `Server`; ``tokenizer`` is the served model's (token ids and counts)."""
+    """The build's `Generator` on a `Server`; ``tokenizer`` is the served model's (token ids and counts), None
+    on a chat completions API without one."""
 
     speculative_attempts = False  # a later attempt of an output is requested only when the earlier ones failed
 
     def __init__(self, server: Server, tokenizer, description: str):
         self.server, self.tokenizer, self.description = server, tokenizer, description
         self._allowed: dict[str, list[int] | None] = {}
+        self._usage: dict[str, int] = {}  # without a tokenizer: each output's token count, from `usage`
 
     def count_tokens(self, text: str) -> int:
+        if self.tokenizer is None:  # the outputs this generator wrote; words for any other text
+            return self._usage.get(text, len(text.split()))
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def close(self) -> None:
@@ -75,6 +111,8 @@ class OpenAIGenerator:
         return parameters
 
     def _allowed_tokens(self, banned_characters: str) -> list[int] | None:
+        if self.tokenizer is None:
+            return None
         if banned_characters not in self._allowed:
             banned = set(banned_token_ids(self.tokenizer, banned_characters))
             self._allowed[banned_characters] = [i for i in range(len(self.tokenizer)) if i not in banned] \
@@ -121,18 +159,19 @@ class OpenAIGenerator:
 
     async def _one(self, prompt: str, seed: int, settings: SamplingSettings) -> Completion:
         server = self.server
-        response = await server.request(
-            lambda: server.client.completions.create(model=server.model, prompt=prompt,
-                                                     **self._parameters(settings, seed)), _has_choice)
+        response = await server.request(*_call(server, prompt, **self._parameters(settings, seed)))
         choice = response.choices[0]
-        tokens = response.usage.completion_tokens if response.usage else self.count_tokens(choice.text)
+        text = choice.message.content if server.api == "chat" else choice.text
+        tokens = response.usage.completion_tokens if response.usage else self.count_tokens(text)
+        if self.tokenizer is None:
+            self._usage[text] = tokens
+        if (server.kind != "vllm" or self.tokenizer is None) and any(c in text for c in settings.banned_characters):
+            return Completion("", tokens, False)  # a failed output: retried like any other
         if server.kind == "vllm":  # "stop" with no stop string matched is end-of-sequence
             ended = choice.finish_reason == "stop" and not isinstance(getattr(choice, "stop_reason", None), str)
-            return Completion(choice.text, tokens, ended)
-        if any(c in choice.text for c in settings.banned_characters):
-            return Completion("", tokens, False)  # a failed output: retried like any other
+            return Completion(text, tokens, ended)
         # Other servers cut the stop string from the text: "stop" is the end of the turn either way.
-        return Completion(choice.text, tokens, choice.finish_reason == "stop")
+        return Completion(text, tokens, choice.finish_reason == "stop")
 
 
 class NextTokenReader:
@@ -157,23 +196,12 @@ class NextTokenReader:
         weights = [math.exp(v - max(found)) for v in found]
         return [w / sum(weights) for w in weights]
 
-    async def _logprobs(self, prompt: str, candidates: list[int]) -> list[float] | None:
-        """The log-probabilities of ``candidates`` as the next token (over the whole vocabulary). A candidate
-        missing from the answer gets the lowest one returned (an upper bound on its own); None: all missing."""
+    async def _logprobs(self, prompt: str, candidates: list) -> list[float] | None:
+        """The log-probabilities of ``candidates`` (token ids; texts on a chat API) as the next token (over the
+        whole vocabulary). A candidate missing from the answer gets the lowest one returned (an upper bound on
+        its own); None: all missing."""
         server = self.server
-        extra, top_k = None, TOP_LOGPROBS
-        if server.kind == "vllm":
-            extra = dict(add_special_tokens=False, return_tokens_as_token_ids=True, logprob_token_ids=list(candidates))
-            top_k = len(candidates)
-        response = await server.request(
-            lambda: server.client.completions.create(model=server.model, prompt=prompt, max_tokens=1, temperature=1.0,
-                                                     seed=0, logprobs=top_k, extra_body=extra),
-            _has_choice)
-        logprobs = response.choices[0].logprobs
-        if logprobs is None or not logprobs.top_logprobs:
-            raise RlcdError(f"the server at {server.url} returned no logprobs; labels and ratings read the next "
-                            "token's log-probabilities (use a server that returns them, e.g. vLLM)")
-        top = logprobs.top_logprobs[0]
+        top = await (self._chat_top(prompt) if server.api == "chat" else self._completions_top(prompt, candidates))
         found = [top.get(self._key(t)) for t in candidates]
         if None not in found:
             return found
@@ -183,20 +211,52 @@ class NextTokenReader:
         lowest = min(top.values())
         return [lowest if v is None else v for v in found]
 
-    def _key(self, token_id: int) -> str:
+    async def _completions_top(self, prompt: str, candidates: list[int]) -> dict[str, float]:
+        server = self.server
+        extra, top_k = None, TOP_LOGPROBS
+        if server.kind == "vllm":
+            extra = dict(add_special_tokens=False, return_tokens_as_token_ids=True, logprob_token_ids=list(candidates))
+            top_k = len(candidates)
+        response = await server.request(*_call(server, prompt, max_tokens=1, temperature=1.0, seed=0, logprobs=top_k,
+                                                extra_body=extra))
+        logprobs = response.choices[0].logprobs
+        if logprobs is None or not logprobs.top_logprobs:
+            raise self._no_logprobs()
+        return logprobs.top_logprobs[0]
+
+    async def _chat_top(self, prompt: str) -> dict[str, float]:
+        """The reply's first token's top log-probabilities, by text (spaces stripped; variants summed)."""
+        response = await self.server.request(*_call(self.server, prompt, max_tokens=1, temperature=1.0, seed=0,
+                                                     logprobs=True, top_logprobs=CHAT_TOP_LOGPROBS))
+        logprobs = response.choices[0].logprobs
+        if logprobs is None or not logprobs.content or not logprobs.content[0].top_logprobs:
+            raise self._no_logprobs()
+        top: dict[str, float] = {}
+        for entry in logprobs.content[0].top_logprobs:
+            key = entry.token.strip()
+            top[key] = entry.logprob if key not in top else _log_add(top[key], entry.logprob)
+        return top
+
+    def _no_logprobs(self) -> RlcdError:
+        return RlcdError(f"the server at {self.server.url} returned no logprobs; labels and ratings read the next "
+                         "token's log-probabilities (use a server that returns them, e.g. vLLM)")
+
+    def _key(self, token) -> str:
+        if self.server.api == "chat":
+            return token  # a text
         if self.server.kind == "vllm":
-            return f"token_id:{token_id}"
-        return self.tokenizer.decode([token_id])
+            return f"token_id:{token}"
+        return self.tokenizer.decode([token])
 
 
 class OpenAILabeller(NextTokenReader):
     """The A/B labeller on a server: P(A) among the two option tokens after each comparison prompt."""
 
     def __init__(self, server: Server, tokenizer):
-        from .labeller import option_token_ids
+        from .labeller import OPTIONS, option_token_ids
 
         super().__init__(server, tokenizer)
-        self.options = list(option_token_ids(tokenizer))
+        self.options = list(OPTIONS) if server.api == "chat" else list(option_token_ids(tokenizer))
 
     def first_option_probability(self, prompts: Sequence[str]) -> list[float]:
         return [d[0] for d in self.distributions(prompts, self.options)]

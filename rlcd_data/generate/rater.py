@@ -103,7 +103,10 @@ class OpenAIRater(NextTokenReader):
 
     def __init__(self, server, tokenizer):
         super().__init__(server, tokenizer)
-        self.score_ids, self.zero_id = score_token_ids(tokenizer)
+        if server.api == "chat":  # the scores as texts: 10 counts where the server writes it as one token
+            self.score_ids, self.zero_id = [str(s) for s in SCORES], None
+        else:
+            self.score_ids, self.zero_id = score_token_ids(tokenizer)
 
     def expected_scores(self, prompts: Sequence[str], on_rows=None) -> list[float]:
         digits = self.distributions(prompts, self.score_ids)
@@ -176,22 +179,26 @@ def rate_pairs(rater: LLMRater, task, pairs, chat=None, progress: bool = False) 
 
 def open_rater(model: str, quantization: str = "none", dtype: str = "auto", batch_size: int = 16,
                prompt_format: str = "text", base_url: str | None = None, tokenizer: str | None = None,
-               api_key_env: str = "OPENAI_API_KEY") -> tuple[LLMRater, object]:
+               api_key_env: str = "OPENAI_API_KEY", server_api: str = "completions") -> tuple[LLMRater, object]:
     """A rater on ``model`` (a folder, a Hub id or an embedded model; 8-/4-bit with ``quantization``; or the
-    model a server at ``base_url`` serves under that name, its ``tokenizer`` at hand) and the chat renderer of
-    its prompts (None in the text format; ``auto``: chat when the model has a template).
+    model a server at ``base_url`` serves under that name, its ``tokenizer`` at hand; through its chat
+    completions API with ``server_api`` chat) and the chat renderer of its prompts (None in the text format;
+    ``auto``: chat when the model has a template; always chat messages on a chat API).
 
     Raises:
         RlcdError: the model cannot be loaded or reached, or does not write the scores as next tokens.
     """
-    from ..tasks.chat import ChatRenderer, resolve_format
+    from ..tasks.chat import ChatRenderer, MessagesRenderer, resolve_format
     from .models import load_causal_lm, resolve_dtype
 
     if base_url:
         from .backends import open_served
 
-        server, loaded_tokenizer = open_served(model, base_url, tokenizer, api_key_env)
+        server, loaded_tokenizer = open_served(model, base_url, tokenizer, api_key_env, api=server_api)
         rater = OpenAIRater(server, loaded_tokenizer)
+        if server_api == "chat":
+            resolve_format(prompt_format, True, None, "rate", model, messages=True)
+            return rater, MessagesRenderer(model)
     else:
         loaded, loaded_tokenizer, _ = load_causal_lm(model, quantization, resolve_dtype(dtype, quantization))
         rater = LLMRater(loaded, loaded_tokenizer, batch_size)

@@ -40,6 +40,7 @@ class Server:
         base_url: the server's API root, e.g. ``http://127.0.0.1:8000/v1``.
         model: the served model name (what ``/v1/models`` lists).
         api_key_env: the environment variable holding the API key (a server without one accepts any).
+        api: the API prompts go to: completions (prompt strings) or chat (chat messages).
         max_concurrency: requests in flight at most.
         request_rate: requests started per second at most (None: no limit).
         timeout: seconds a request may take before it is retried.
@@ -49,13 +50,14 @@ class Server:
         RlcdError: the server cannot be reached, refuses the key, or does not serve ``model``.
     """
 
-    def __init__(self, base_url: str, model: str, *, api_key_env: str = DEFAULT_API_KEY_ENV, max_concurrency: int = 64,
-                 request_rate: float | None = None, timeout: float = 600.0, max_retries: int = 5):
+    def __init__(self, base_url: str, model: str, *, api_key_env: str = DEFAULT_API_KEY_ENV, api: str = "completions",
+                 max_concurrency: int = 64, request_rate: float | None = None, timeout: float = 600.0,
+                 max_retries: int = 5):
         import openai
 
         if urlsplit(base_url).scheme not in ("http", "https"):
             raise RlcdError(f"--base-url {public_url(base_url)!r}: give an http:// or https:// URL")
-        self.url, self.model, self.api_key_env = public_url(base_url), model, api_key_env
+        self.url, self.model, self.api_key_env, self.api = public_url(base_url), model, api_key_env, api
         self.max_retries, self.request_rate = max_retries, request_rate
         self.attempts = 0  # HTTP requests sent, retries included
         self.requests = 0  # requests asked for
@@ -176,9 +178,12 @@ class Server:
                 f"the key in ${self.api_key_env} was refused"
             return RlcdError(f"the server at {self.url} answered HTTP {e.status_code}: {where} "
                              "(--api-key-env names another variable)")
+        if isinstance(e, openai.NotFoundError) and str(e.request.url.path).endswith("/chat/completions"):
+            return RlcdError(f"the server at {self.url} has no chat completions API (HTTP 404 on /chat/completions): "
+                             "send the rendered prompts to its completions API instead (--server-api completions)")
         if isinstance(e, openai.NotFoundError) and str(e.request.url.path).endswith("/completions"):
-            return RlcdError(f"the server at {self.url} has no completions API (HTTP 404 on /completions): rlcd-data "
-                             "sends the exact rendered prompts there, and chat-only servers are not supported yet")
+            return RlcdError(f"the server at {self.url} has no completions API (HTTP 404 on /completions): send the "
+                             "chat format's messages to its chat completions API instead (--server-api chat)")
         if isinstance(e, openai.APIStatusError):
             detail = _first_line(e)
             return RlcdError(f"the server at {self.url} answered HTTP {e.status_code}"

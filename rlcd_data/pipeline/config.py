@@ -20,6 +20,7 @@ from .methods import METHODS
 QUANTIZATIONS = ("auto", "8bit", "4bit", "none")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 BACKENDS = ("auto", "vllm", "transformers", "openai")
+SERVER_APIS = ("completions", "chat")
 FORMATS = ("standard", "conversational")
 # Sampling temperature per prompt format: the paper's 1.0 for text; 0.7 for chat, where it measured
 # more separable pairs with the embedded instruct model (docs/tasks.md).
@@ -132,6 +133,14 @@ class BuildConfig:
         metadata={"help": "openai: the served model's tokenizer (a folder, Hub id or embedded model name), for the "
                           "chat format, token counts, banned tokens and label tokens. Default: --model."},
     )
+    server_api: str = field(
+        default="completions",
+        metadata={"help": "openai: completions = the exact prompt strings rlcd-data renders, through the "
+                          "completions API (needs the model's tokenizer); chat = the chat format's messages through "
+                          "the chat completions API, which applies the model's template (for chat-only servers such "
+                          "as hosted APIs; no tokenizer needed). Recorded.",
+                  "choices": SERVER_APIS},
+    )
     max_concurrency: int = field(default=64, metadata={"help": "openai: requests in flight at most."})
     request_rate: float | None = field(
         default=None, metadata={"help": "openai: requests started per second at most. Default: no limit."}
@@ -235,6 +244,12 @@ class BuildConfig:
         if (self.backend == "openai") != bool(self.base_url):
             raise RlcdError("--backend openai and --base-url go together" if self.backend == "openai" else
                             f"--base-url needs --backend openai (or auto), not --backend {self.backend}")
+        if self.server_api == "chat":
+            if self.backend != "openai":
+                raise RlcdError("--server-api chat applies to a model server (--base-url)")
+            if self.label_cot:
+                raise RlcdError("--label-cot opens the labeller's reply with a rationale, which the chat completions "
+                                "API cannot continue: use --server-api completions")
         if self.max_concurrency < 1:
             raise RlcdError(f"max_concurrency must be at least 1, got {self.max_concurrency}")
         if self.request_rate is not None and self.request_rate <= 0:

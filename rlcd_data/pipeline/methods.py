@@ -43,7 +43,7 @@ class Method:
             return pair.p_plus
         if side == "p_minus":
             return pair.p_minus
-        return pair.prompt  # rlaif: both samples from the unmodified prompt
+        return pair.prompt_request or pair.prompt  # rlaif: both samples from the unmodified prompt
 
 
 METHODS = {

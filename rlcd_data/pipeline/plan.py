@@ -12,7 +12,7 @@ from ..errors import RlcdError
 from ..generate.models import load_tokenizer
 from ..sources.prompts import PromptSet, load_prompts
 from ..tasks.catalog import load_task
-from ..tasks.chat import ChatRenderer, resolve_format
+from ..tasks.chat import ChatRenderer, MessagesRenderer, resolve_format
 from ..tasks.task import ContrastPair, Task
 from .config import CONFIG_FILENAME, BuildConfig, read_config_file
 from .methods import supported
@@ -53,13 +53,23 @@ def prepare(config: BuildConfig, tokenizer: Callable[[], object] | None = None) 
     prompt_set = load_prompts(
         source, task_input=task.input, column=config.prompt_column, split=config.split, limit=config.limit
     )
+    messages = config.server_api == "chat"  # the server applies the template: no tokenizer needed here
     loaded = None
-    if config.prompt_format != "text" and task.has_chat:
+    if config.prompt_format != "text" and task.has_chat and not messages:
         loaded = tokenizer() if tokenizer is not None else load_tokenizer(config.tokenizer or config.model)
-    resolved = resolve_format(config.prompt_format, task.has_chat, loaded, task.name, config.model)
+    resolved = resolve_format(config.prompt_format, task.has_chat, loaded, task.name, config.model, messages)
     config = config.with_prompt_format(resolved)
-    chat = ChatRenderer(loaded, config.model) if resolved == "chat" else None
-    pairs = [task.render_pair(p.text, p.source_index, config.seed, chat) for p in prompt_set.prompts]
+    chat = None
+    if resolved == "chat":
+        chat = MessagesRenderer(config.model) if messages else ChatRenderer(loaded, config.model)
+    pairs = []
+    for prompt in prompt_set.prompts:
+        try:
+            pairs.append(task.render_pair(prompt.text, prompt.source_index, config.seed, chat))
+        except RlcdError as e:
+            if not messages:
+                raise
+            raise RlcdError(f"{source}: prompt {prompt.source_index} (0-based): {e}") from None
     return Plan(config, task, prompt_set, pairs, chat)
 
 

@@ -7,9 +7,14 @@ follows as user/assistant turns, and the tokenizer's ``apply_chat_template``
 renders it with the generation prompt, so p+ and p- differ in the descriptor
 alone. Text after the source prompt's final Assistant tag (a forced start such
 as "Here is a possible outline:") opens the reply.
+
+A chat-only server (a hosted API) applies the template itself: `MessagesRenderer`
+renders the same messages as JSON for its chat completions API instead.
 """
 
 from __future__ import annotations
+
+import json
 
 from ..errors import RlcdError
 from .conversation import prompt_messages
@@ -45,11 +50,10 @@ class ChatRenderer:
         messages, opening = prompt_messages(prompt)
         return self.render(messages, opening=opening)
 
-    def comparison(self, text: str, answer_start: str) -> str:
+    def comparison(self, text: str, answer_start: str, answer_alone: str = "") -> str:
         """The labeller's prompt: ``text`` up to ``answer_start`` as the user's message, and the
         assistant's reply opening with ``answer_start`` (so the label is still the next token)."""
-        question = text[: len(text) - len(answer_start)] if text.endswith(answer_start) else text
-        return self.render([{"role": "user", "content": question.strip()}], opening=answer_start)
+        return self.render([{"role": "user", "content": _question(text, answer_start)}], opening=answer_start)
 
     def render(self, messages: list[dict], system: str | None = None, opening: str = "") -> str:
         import jinja2
@@ -71,13 +75,59 @@ class ChatRenderer:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def resolve_format(requested: str, task_has_chat: bool, tokenizer, task_name: str, model_name: str) -> str:
+def _question(text: str, answer_start: str) -> str:
+    return (text[: len(text) - len(answer_start)] if text.endswith(answer_start) else text).strip()
+
+
+class MessagesRenderer(ChatRenderer):
+    """The chat format for a server's chat completions API (`--server-api chat`): each prompt is its messages
+    as a JSON list (`decode_messages`), and the server applies the model's template. The messages are the ones
+    `ChatRenderer` renders, with two differences the API forces, as it cannot continue an assistant reply:
+    a prompt that opens the reply is refused, and the labeller's question ends with an instruction to answer
+    alone (``answer_alone``) where the text and chat formats open the reply with ``The answer is: (``.
+    The unmodified prompt (what rlaif samples) goes as its turns without a system message.
+    """
+
+    sends_messages = True
+
+    def __init__(self, model_name: str = "the simulator"):
+        self.tokenizer, self.model_name = None, model_name
+
+    def comparison(self, text: str, answer_start: str, answer_alone: str = "") -> str:
+        question = _question(text, answer_start)
+        return self.render([{"role": "user", "content": f"{question}\n\n{answer_alone}".strip()}])
+
+    def render(self, messages: list[dict], system: str | None = None, opening: str = "") -> str:
+        if opening:
+            raise RlcdError(f"--server-api chat: a prompt opens the assistant's reply ({opening[:60]!r}), which the "
+                            "chat completions API cannot continue; use a server's completions API")
+        if system is not None:
+            messages = [{"role": "system", "content": system}, *messages]
+        return json.dumps(messages, ensure_ascii=False)
+
+
+def decode_messages(prompt: str) -> list[dict]:
+    """The messages a `MessagesRenderer` rendered."""
+    return json.loads(prompt)
+
+
+def resolve_format(requested: str, task_has_chat: bool, tokenizer, task_name: str, model_name: str,
+                   messages: bool = False) -> str:
     """``text`` or ``chat`` for ``--prompt-format``: ``auto`` is chat when both the task and the model's
-    tokenizer can render it, text otherwise.
+    tokenizer can render it, text otherwise. With ``messages`` (a chat completions API, which applies
+    the template itself) it is chat, whatever the tokenizer.
 
     Raises:
-        RlcdError: ``chat`` asked of a task without system.jinja or a tokenizer without a chat template.
+        RlcdError: ``chat`` asked of a task without system.jinja or a tokenizer without a chat template;
+            ``text`` or a task without system.jinja with ``messages``.
     """
+    if messages:
+        if requested == "text":
+            raise RlcdError("--server-api chat sends chat messages: --prompt-format text needs the completions API")
+        if not task_has_chat:
+            raise RlcdError(f"task {task_name!r} has no system.jinja: it renders in the text format only, which "
+                            "needs the completions API (--server-api completions)")
+        return "chat"
     if requested == "text":
         return "text"
     if requested == "chat":

@@ -34,10 +34,13 @@ TEMPLATE_FILES = {"prompt": "prompt.jinja", "p_plus": "p_plus.jinja", "p_minus":
 COMPARE_FILE = "compare.jinja"
 COMPARE_VARIABLES = {"instruction", "response_a", "response_b"}
 ANSWER_START = "The answer is: ("  # how compare.jinja ends: the next token is the label
+# A chat completions API cannot open the reply with ANSWER_START: the question ends with this instead.
+ANSWER_ALONE = "Answer with the letter of the better option alone: A or B."
 # The direct-RLAIF rater's prompt: the conversation and one response, ending where the 1-10 score comes next.
 RATE_FILE = "rate.jinja"
 RATE_VARIABLES = {"instruction", "response"}
 RATING_START = "The rating is: ("
+RATING_ALONE = "Answer with the rating alone: a whole number from 1 to 10."
 # The chat format's system message: rendered once per side, so p+ and p- differ in the descriptor alone.
 SYSTEM_FILE = "system.jinja"
 SYSTEM_VARIABLES = {"descriptor"}
@@ -62,6 +65,8 @@ class ContrastPair:
     p_minus: str
     descriptor_index: int
     descriptors: DescriptorPair
+    # What rlaif samples, where it is not `prompt`: on a chat API, the conversation as chat messages.
+    prompt_request: str | None = None
 
 
 @dataclass(frozen=True)
@@ -116,7 +121,7 @@ class Task:
             text = self.templates["compare"].render(values)
         except jinja2.TemplateError as e:
             raise RlcdError(f"{self.folder / COMPARE_FILE}: {getattr(e, 'message', e)}") from None
-        return text if chat is None else chat.comparison(text, ANSWER_START)
+        return text if chat is None else chat.comparison(text, ANSWER_START, ANSWER_ALONE)
 
     def render_rating(self, prompt_text: str, response: str, chat: ChatRenderer | None = None) -> str:
         """The rater's prompt for one response, ending in ``The rating is: (`` (the score comes next):
@@ -132,7 +137,7 @@ class Task:
             text = self.templates["rate"].render(values)
         except jinja2.TemplateError as e:
             raise RlcdError(f"{self.folder / RATE_FILE}: {getattr(e, 'message', e)}") from None
-        return text if chat is None else chat.comparison(text, RATING_START)
+        return text if chat is None else chat.comparison(text, RATING_START, RATING_ALONE)
 
     @property
     def bundled_prompts(self) -> Path | None:
@@ -168,7 +173,8 @@ class Task:
                 chat.contrast(self._render("system", {**inputs, "descriptor": d}), prompt)
                 for d in (pair.positive, pair.negative)
             )
-        return ContrastPair(source_index, prompt, p_plus, p_minus, k, pair)
+        request = chat.conversation(prompt) if getattr(chat, "sends_messages", False) else None
+        return ContrastPair(source_index, prompt, p_plus, p_minus, k, pair, request)
 
     def _render(self, key: str, values: dict) -> str:
         filename = TEMPLATE_FILES.get(key, SYSTEM_FILE)

