@@ -69,7 +69,8 @@ def test_the_server_gets_the_rendered_prompts_with_a_seed_and_every_sampling_par
     assert all(r["chosen"].strip().startswith("Reply ") and "Human" not in r["chosen"] for r in data)  # cut at the stop
     saved = (tmp_path / "out" / "rlcd_build.yaml").read_text()
     assert "backend: openai" in saved and f"base_url: {server.url}" in saved
-    assert f"{server.model} on {server.url} (vllm server, completions API)" in (tmp_path / "out" / "README.md").read_text()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"{server.model} on {server.url} (vllm server, completions API)" in card
 
 
 def test_another_server_gets_openai_parameters_only_and_banned_characters_are_retried(tiny_model_dir, tmp_path):

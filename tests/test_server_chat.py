@@ -6,6 +6,7 @@ import json
 
 import pytest
 from fake_openai_server import FakeServer, reply
+from test_server import one_line_error, rows
 
 from rlcd_data import BuildConfig, build
 from rlcd_data.cli import main
@@ -13,7 +14,6 @@ from rlcd_data.errors import RlcdError
 from rlcd_data.tasks.catalog import load_task
 from rlcd_data.tasks.conversation import prompt_messages
 from rlcd_data.tasks.task import ANSWER_ALONE, RATING_ALONE
-from test_server import one_line_error, rows
 
 
 @pytest.fixture

