@@ -33,6 +33,8 @@ def has_chat_template(tokenizer) -> bool:
 class ChatRenderer:
     """Renders messages with one tokenizer's chat template, ending where the assistant's reply begins."""
 
+    sends_messages = False  # a prompt string, not the messages (see `MessagesRenderer`)
+
     def __init__(self, tokenizer, model_name: str = "the simulator"):
         if not has_chat_template(tokenizer):
             raise _no_template(model_name)
@@ -52,7 +54,8 @@ class ChatRenderer:
 
     def comparison(self, text: str, answer_start: str, answer_alone: str = "") -> str:
         """The labeller's prompt: ``text`` up to ``answer_start`` as the user's message, and the
-        assistant's reply opening with ``answer_start`` (so the label is still the next token)."""
+        assistant's reply opening with ``answer_start`` (so the label is still the next token).
+        ``answer_alone`` is for `MessagesRenderer`, which cannot open the reply."""
         return self.render([{"role": "user", "content": _question(text, answer_start)}], opening=answer_start)
 
     def render(self, messages: list[dict], system: str | None = None, opening: str = "") -> str:

@@ -173,7 +173,7 @@ class Task:
                 chat.contrast(self._render("system", {**inputs, "descriptor": d}), prompt)
                 for d in (pair.positive, pair.negative)
             )
-        request = chat.conversation(prompt) if getattr(chat, "sends_messages", False) else None
+        request = chat.conversation(prompt) if chat is not None and chat.sends_messages else None
         return ContrastPair(source_index, prompt, p_plus, p_minus, k, pair, request)
 
     def _render(self, key: str, values: dict) -> str:
