@@ -51,10 +51,9 @@ def run(args) -> int:
 
         raise RlcdError(f"task {task.name!r} has no rate.jinja: it cannot rate responses")
     pairs = load_pairs(args.pairs, args.split, args.limit)
-    chat_api = bool(args.base_url) and args.server_api == "chat"
-    rater, chat = open_rater(args.llm, args.quantization, batch_size=args.batch_size,
-                             prompt_format="chat" if chat_api else args.prompt_format, base_url=args.base_url,
-                             tokenizer=args.tokenizer, api_key_env=args.api_key_env, server_api=args.server_api)
+    rater, chat = open_rater(args.llm, args.quantization, batch_size=args.batch_size, prompt_format=args.prompt_format,
+                             base_url=args.base_url, tokenizer=args.tokenizer, api_key_env=args.api_key_env,
+                             server_api=args.server_api)
     report = {**rate_pairs(rater, task, pairs, chat, progress=True),
               "llm": args.llm, "prompt_format": "chat" if chat else "text"}
     if args.base_url:

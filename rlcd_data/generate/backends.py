@@ -117,6 +117,7 @@ def open_server(config):
             serve the model, or cannot apply a setting.
     """
     from ..tasks.chat import MessagesRenderer
+    from .labeller import ANSWER_PREFIX
     from .openai_engine import OpenAIGenerator, OpenAILabeller
 
     server, tokenizer = open_served(config.model, config.base_url, config.tokenizer, config.api_key_env,
@@ -132,9 +133,9 @@ def open_server(config):
 
     def labeller():
         labeller = OpenAILabeller(server, tokenizer)
-        question = "Is this a question? The answer is: ("
+        question = f"Is this a question? {ANSWER_PREFIX}"
         if server.api == "chat":
-            question = MessagesRenderer().comparison(question, "The answer is: (", "Answer A (yes) or B (no) alone.")
+            question = MessagesRenderer().comparison(question, ANSWER_PREFIX, "Answer A (yes) or B (no) alone.")
         labeller.first_option_probability([question])  # fails without logprobs
         labeller.missing_labels = 0  # the card counts the build's labels, not this check's
         return labeller

@@ -34,7 +34,7 @@ def option_token_ids(tokenizer, prefix: str = ANSWER_PREFIX) -> tuple[int, int]:
     """
     base = tokenizer(prefix, add_special_tokens=False)["input_ids"]
     ids = []
-    for letter in "AB":
+    for letter in OPTIONS:
         full = tokenizer(prefix + letter, add_special_tokens=False)["input_ids"]
         if len(full) != len(base) + 1 or full[: len(base)] != base:
             raise RlcdError(

@@ -196,8 +196,7 @@ def open_rater(model: str, quantization: str = "none", dtype: str = "auto", batc
 
         server, loaded_tokenizer = open_served(model, base_url, tokenizer, api_key_env, api=server_api)
         rater = OpenAIRater(server, loaded_tokenizer)
-        if server_api == "chat":
-            resolve_format(prompt_format, True, None, "rate", model, messages=True)
+        if server_api == "chat":  # the server applies the template: prompt_format does not apply
             return rater, MessagesRenderer(model)
     else:
         loaded, loaded_tokenizer, _ = load_causal_lm(model, quantization, resolve_dtype(dtype, quantization))

@@ -21,9 +21,7 @@ def open_reward(script):
     task = load_task(script.rater_task)
     if not task.has_rater:
         raise RlcdError(f"train ppo: task {task.name!r} has no rate.jinja; pick another --rater_task")
-    chat_api = bool(script.rater_base_url) and script.rater_server_api == "chat"
-    rater, chat = open_rater(script.reward_llm, script.rater_quantization,
-                             prompt_format="chat" if chat_api else script.rater_prompt_format,
+    rater, chat = open_rater(script.reward_llm, script.rater_quantization, prompt_format=script.rater_prompt_format,
                              base_url=script.rater_base_url, tokenizer=script.rater_tokenizer,
                              api_key_env=script.rater_api_key_env, server_api=script.rater_server_api)
     return LLMRewards(rater, task, chat)
