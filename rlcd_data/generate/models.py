@@ -9,11 +9,13 @@ with the ``gemma`` extra; Gemma Terms of Use).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,14 +106,17 @@ def embedded_model_dir(name: str = DEFAULT_MODEL) -> Path:
             return target
         from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
+        print(f"rlcd-data: converting {name} once into {target.parent} (a minute or so; later runs reuse it)",
+              file=sys.stderr)
         tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
         tmp.mkdir(exist_ok=True)
         try:
             gguf = model.gguf(tmp)
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            converted = AutoModelForCausalLM.from_pretrained(
-                gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True)
-            )
+            with _gguf_read_once():
+                tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+                converted = AutoModelForCausalLM.from_pretrained(
+                    gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True)
+                )
             converted.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             (tmp / "SOURCE.txt").write_text(f"{model.description}\nsha256 of the GGUF file: {_sha256(gguf)}\n")
@@ -121,6 +126,34 @@ def embedded_model_dir(name: str = DEFAULT_MODEL) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # nothing half-converted stays behind
     return target
+
+
+@contextlib.contextmanager
+def _gguf_read_once():
+    """Inside: every `gguf.GGUFReader` of the same file is the first one.
+
+    transformers reads a GGUF file three times for one conversion (the
+    tokenizer's config, the model's config, the weights), and gguf-py spends
+    most of a read on the metadata (Gemma 3's 262k-token vocabulary: about 19 s
+    a read on one core). The reader is read-only, so one serves all three.
+    Measured on one core: Gemma 3 270M converts in 38 s instead of 56 s,
+    SmolLM2 in 19 s instead of 22 s, to the same weights.
+    """
+    import gguf
+
+    original, readers = gguf.GGUFReader, {}
+
+    def reader(path, mode="r"):
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
 
 
 def _sha256(path: Path) -> str:
