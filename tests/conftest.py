@@ -141,9 +141,19 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_vllm_model_dir(tmp_path_factory, smollm2_dir) -> Path:
-    """The tiny Llama with 64-wide attention heads, which vLLM's CPU attention needs (13M parameters)."""
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama-vllm"), smollm2_dir, hidden=128, heads=2, kv_heads=1,
-                           eos_weight=0.7)
+    """The tiny Llama with 64-wide attention heads, which vLLM's CPU attention needs (13M parameters).
+
+    Its generation_config.json lists ``<|endoftext|>`` (id 0) as a second end of sequence, as Llama 3 lists
+    <|eot_id|>: about as likely as any other token (1 in 49k a step) unless a test biases it.
+    """
+    import json
+
+    folder = make_tiny_llama(tmp_path_factory.mktemp("tiny-llama-vllm"), smollm2_dir, hidden=128, heads=2,
+                             kv_heads=1, eos_weight=0.7)
+    config = json.loads((folder / "generation_config.json").read_text())
+    config["eos_token_id"] = [config["eos_token_id"], 0]
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    return folder
 
 
 @pytest.fixture(scope="session")

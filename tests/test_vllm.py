@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
-from conftest import with_second_end_of_sequence
 
 from rlcd_data.cli import main
 from rlcd_data.errors import RlcdError
@@ -61,39 +62,31 @@ def test_tokens_with_banned_characters_are_never_sampled(generator):
         assert "e" not in c.text and "a" not in c.text and c.num_tokens >= 1
 
 
-def test_stop_string_ends_a_sequence(tmp_path, tiny_vllm_model_dir):
-    """A tiny model whose only likely tokens spell "\nHuman" stops there, not at the limit or EOS."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def with_logit_bias(generator, monkeypatch, bias: dict[int, float]):
+    """The generator's requests, for this test, carry vLLM's own ``logit_bias`` on top of the build's settings."""
+    build_params = generator.sampling_params
 
-    from rlcd_data.generate.vllm_engine import VLLMEngine
+    def biased(settings, seed):
+        params = build_params(settings, seed)
+        params.logit_bias = bias
+        return params
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_vllm_model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_vllm_model_dir)
-    with torch.no_grad():
-        model.lm_head.weight[:, 0] = 0.0
-        for t in tokenizer("\nHuman", add_special_tokens=False)["input_ids"]:
-            model.lm_head.weight[t, 0] = 5.0
-    model.save_pretrained(tmp_path / "m")
-    tokenizer.save_pretrained(tmp_path / "m")
-    engine = VLLMEngine(str(tmp_path / "m"), dtype="float32", max_num_seqs=2, kv_cache_gib=0.25)
-    try:
-        (completion,) = VLLMGenerator(engine, "stop").generate(PROMPTS[:1], [1], SamplingSettings(max_new_tokens=50))
-    finally:
-        engine.close()
+    monkeypatch.setattr(generator, "sampling_params", biased)
+
+
+def test_stop_string_ends_a_sequence(generator, monkeypatch):
+    """Tokens that spell "\nHuman", made the only likely ones: the output stops there, not at the limit or EOS."""
+    spelling = generator.tokenizer("\nHuman", add_special_tokens=False)["input_ids"]
+    with_logit_bias(generator, monkeypatch, {t: 100.0 for t in spelling})
+    (completion,) = generator.generate(PROMPTS[:1], [1], SamplingSettings(max_new_tokens=50))
     assert completion.text.endswith("\nHuman") and not completion.ended and completion.num_tokens < 50
 
 
-def test_an_end_of_sequence_token_listed_in_generation_config_ends_outputs(tmp_path, tiny_vllm_model_dir):
-    """vLLM stops at it too, but reports its id as the stop reason: the output still ended (not cut off)."""
-    from rlcd_data.generate.vllm_engine import VLLMEngine
-
-    folder = with_second_end_of_sequence(tiny_vllm_model_dir, tmp_path / "m")
-    engine = VLLMEngine(str(folder), dtype="float32", max_num_seqs=4, kv_cache_gib=0.25)
-    try:
-        completions = VLLMGenerator(engine, "eos").generate(PROMPTS[:4], [1, 2, 3, 4], SamplingSettings(max_new_tokens=20))
-    finally:
-        engine.close()
+def test_an_end_of_sequence_token_listed_in_generation_config_ends_outputs(generator, monkeypatch):
+    """The session's model lists <|endoftext|> (id 0) as a second end of sequence; made the likeliest token, it ends
+    every output at once. vLLM reports its id as the stop reason: the output still ended (not cut off)."""
+    with_logit_bias(generator, monkeypatch, {0: 100.0})
+    completions = generator.generate(PROMPTS[:4], [1, 2, 3, 4], SamplingSettings(max_new_tokens=20))
     assert [(c.text, c.num_tokens, c.ended) for c in completions] == [("", 1, True)] * 4
 
 
@@ -209,14 +202,26 @@ def test_small_machines_bind_vllms_threads_to_every_cpu(monkeypatch, vllm_engine
         assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == ",".join(map(str, sorted(os.sched_getaffinity(0))))
 
 
-def test_policy_evaluation_samples_on_vllm(generator, tiny_vllm_model_dir):
-    """`eval policy --backend vllm` samples each model on its own engine, with the seeds the build would use."""
+def test_policy_evaluation_samples_on_vllm(generator, vllm_engine, tiny_vllm_model_dir, monkeypatch):
+    """`eval policy --backend vllm` samples each model on an engine of its own, closed afterwards, with the seeds the
+    build would use (the session's engine stands in for it: an engine's start is what the other tests cover)."""
+    from rlcd_data.generate import vllm_engine as engine_module
     from rlcd_data.train.evaluate import _sample
 
+    opened = []
+
+    class SessionEngine:
+        def __new__(cls, model, **kwargs):
+            opened.append((model, kwargs))
+            return vllm_engine
+
+    monkeypatch.setattr(engine_module, "VLLMEngine", SessionEngine)
+    monkeypatch.setattr(vllm_engine, "close", lambda: opened.append("closed"))
     settings = SamplingSettings(max_new_tokens=12)
     seeds = [request_seed(4, i) for i in range(4)]
     sampled, prompt_format = _sample("vllm", str(tiny_vllm_model_dir), PROMPTS[:4], seeds, settings, batch_size=8,
                                      prompt_format="auto", dtype="float32")
+    assert opened == [(str(tiny_vllm_model_dir), {"dtype": "float32", "max_num_seqs": 8}), "closed"]
     assert prompt_format == "chat"  # the tiny model has SmolLM2's tokenizer and chat template
     chat = ChatRenderer(generator.tokenizer)
     assert sampled == generator.generate([chat.conversation(p) for p in PROMPTS[:4]], seeds, settings)
@@ -228,20 +233,41 @@ def _args(model, prompts, out):
             "--kv-cache-gib", "0.5", "--output", str(out)]
 
 
-def test_kill_9_then_resume_gives_the_rows_of_an_uninterrupted_build(tmp_path, tiny_vllm_model_dir, hh_dir):
+@pytest.fixture(scope="module")
+def whole_build(tmp_path_factory, tiny_vllm_model_dir, hh_dir):
+    """One uninterrupted `rlcd-data build` on vLLM, as a user runs it, with vLLM's worker 6 s slower to exit than on
+    this CPU (as on one a third as fast): (its output folder, the finished process)."""
+    out = tmp_path_factory.mktemp("whole") / "whole"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent / "slow_exit"), "RLCD_TEST_SLOW_EXIT": "6"}
+    done = subprocess.run(_args(tiny_vllm_model_dir, hh_dir / "harmless-base-prompts.jsonl", out), env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return out, done
+
+
+def test_a_build_ends_on_its_own_lines(whole_build):
+    """stdout ends on the build's summary and stderr on its progress bar: no warning after them, such as the
+    resource tracker's "leaked shared_memory objects" when vLLM kills an engine core slow to exit; and the
+    engine's start shows what a user needs: no INFO lines, deprecation or C++ tuning warnings, loading bars."""
+    _, done = whole_build
+    summary = done.stdout.splitlines()[-2:]
+    assert summary[0].startswith("wrote ") and summary[1].startswith("load it with:"), done.stdout
+    last = done.stderr.replace("\r", "\n").strip().splitlines()[-1]
+    assert last.startswith("rlcd harmless: 100%|"), done.stderr[-2000:]
+    for noise in (" INFO ", "FutureWarning", "NUMA binding", "Loading safetensors"):
+        assert noise not in done.stderr
+    assert "generating with vllm" in done.stderr
+
+
+def test_kill_9_then_resume_gives_the_rows_of_an_uninterrupted_build(tmp_path, tiny_vllm_model_dir, hh_dir,
+                                                                      whole_build):
     """Parts are written as pairs finish; kill -9 of the build (not of its process group) leaves none of its
     engine's processes running, and --resume gives the same dataset as one run."""
     import datasets
     import psutil
 
     prompts = hh_dir / "harmless-base-prompts.jsonl"
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    first = subprocess.run(_args(tiny_vllm_model_dir, prompts, whole), check=True, capture_output=True, text=True,
-                           timeout=600)
-    # The engine's start shows what a user needs: no INFO lines, deprecation or C++ tuning warnings, loading bars.
-    for noise in (" INFO ", "FutureWarning", "NUMA binding", "Loading safetensors"):
-        assert noise not in first.stderr
-    assert "generating with vllm" in first.stderr
+    whole, cut = whole_build[0], tmp_path / "cut"
     process = subprocess.Popen(_args(tiny_vllm_model_dir, prompts, cut), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.monotonic() + 300
