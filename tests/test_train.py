@@ -93,6 +93,17 @@ def _untrained_reward_model(path):
     return RewardModel(model, AutoTokenizer.from_pretrained(path))
 
 
+def test_under_disable_tqdm_stdout_holds_only_the_metrics_line(tiny_model_dir, tmp_path, capsys):
+    """transformers' log dicts (its PrinterCallback) go to stderr: stdout is the one JSON line a caller reads."""
+    out = tmp_path / "rm"
+    assert main(reward_args(toy_pairs(tmp_path / "pairs.jsonl", n=8), tiny_model_dir, out, "--num_train_epochs",
+                            "1")) == 0
+    captured = capsys.readouterr()
+    (line,) = captured.out.strip().splitlines()
+    assert json.loads(line)["steps"] == 1
+    assert "'loss':" in captured.err
+
+
 def test_reward_loss_falls_and_parameters_change(tiny_reward_model, tiny_model_dir):
     from safetensors.torch import load_file
 
@@ -203,7 +214,7 @@ def test_agreement_and_win_rate_on_fixed_scores():
     assert comparison["policy_mean_reward"] == pytest.approx(1.0) and comparison["base_mean_reward"] == pytest.approx(3.5 / 3)
 
 
-def test_ppo_runs_updates_and_eval_policy(tiny_reward_model, tiny_model_dir, tmp_path, capsys):
+def test_ppo_runs_updates_and_eval_policy(tiny_reward_model, tiny_model_dir, tmp_path, capsys, monkeypatch):
     from safetensors.torch import load_file
 
     prompts = tmp_path / "prompts.jsonl"
@@ -221,11 +232,15 @@ def test_ppo_runs_updates_and_eval_policy(tiny_reward_model, tiny_model_dir, tmp
     # The tiny policy has SmolLM2's chat template: rollouts saw prompts through it, and the record says so.
     assert json.loads((out / "rlcd_recipe.json").read_text())["settings"]["prompt_format"] == "chat"
 
-    samples = tmp_path / "samples.jsonl"
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
     assert main(["eval", "policy", "--policy", str(out), "--reward-model", str(tiny_reward_model),
-                 "--prompts", str(prompts), "--limit", "4", "--max-new-tokens", "8", "--samples", str(samples),
+                 "--prompts", str(prompts), "--limit", "4", "--max-new-tokens", "8",
                  "--json", "--backend", "transformers"]) == 0
     report = json.loads(capsys.readouterr().out)
+    samples = out / "eval-samples.jsonl"  # without --samples: in the policy's folder, not where the command ran
+    assert not any(elsewhere.iterdir())
     rows = [json.loads(line) for line in samples.read_text().splitlines()]
     assert report["prompts"] == len(rows) == 4 and report["base"] == str(tiny_model_dir)
     assert report["prompt_format"] == "chat"  # the policy's recorded format, for both sides

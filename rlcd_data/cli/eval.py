@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from ..tasks.chat import FORMATS
 
@@ -54,7 +55,8 @@ def add_parser(sub) -> None:
     po.add_argument("--prompt-format", default="auto", choices=FORMATS,
                     help="How both models see a prompt (auto: the format the policy was trained in, else chat "
                          "when its tokenizer has a chat template).")
-    po.add_argument("--samples", default="eval-samples.jsonl", help="Where to write the samples (JSONL).")
+    po.add_argument("--samples", help="Where to write the samples (JSONL); default: eval-samples.jsonl in the "
+                                      "policy's folder (a local policy), else nowhere.")
     po.add_argument("--json", action="store_true", help="Print one JSON object instead of a summary.")
 
 
@@ -74,10 +76,11 @@ def run(args) -> int:
 
     from ..train.evaluate import evaluate_policy
 
+    samples = args.samples or (str(Path(args.policy) / "eval-samples.jsonl") if Path(args.policy).is_dir() else None)
     report = evaluate_policy(
         args.policy, args.reward_model, args.prompts, base=args.base, prompt_column=args.prompt_column,
         split=args.split, limit=args.limit, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        batch_size=args.batch_size, seed=args.seed, samples_path=args.samples, backend=args.backend,
+        batch_size=args.batch_size, seed=args.seed, samples_path=samples, backend=args.backend,
         prompt_format=args.prompt_format, judge=args.judge, judge_task=args.judge_task,
         judge_quantization=args.judge_quantization, judge_prompt_format=args.judge_prompt_format,
         judge_server=(args.judge_base_url, args.judge_tokenizer, args.api_key_env, args.judge_server_api)
@@ -92,7 +95,7 @@ def run(args) -> int:
                      f"[{report['judge_win_rate_ci95_low']:.1%}, {report['judge_win_rate_ci95_high']:.1%}], "
                      f"ties {report['judge_ties']:.1%}")
     parts.append(f"mean length {report['policy_mean_tokens']:.0f} vs {report['base_mean_tokens']:.0f} tokens "
-                 f"({report['prompt_format']} format); samples in {args.samples}")
+                 f"({report['prompt_format']} format)" + (f"; samples in {samples}" if samples else ""))
     return _report(args, args.policy, f"eval_policy_{_name(args.prompts)}", report, "; ".join(parts))
 
 
@@ -107,8 +110,6 @@ def _report(args, model_dir: str, prefix: str, report: dict, summary: str) -> in
 
 def _name(source: str) -> str:
     """A short name for a data source in metric names (file stem or last path part)."""
-    from pathlib import Path
-
     from ..sources.pairs import FILE_SUFFIXES
 
     name = Path(source).name

@@ -66,7 +66,20 @@ def base_model(recipe: str, script: ScriptArguments, model_args) -> tuple[str, s
 
 
 def run(trainer) -> tuple[object, float]:
-    """Train; returns TRL's train() result and the seconds it took."""
+    """Train; returns TRL's train() result and the seconds it took.
+
+    Under ``--disable_tqdm``, transformers prints each log dict on stdout (its PrinterCallback); they go to
+    stderr instead, so that stdout holds only the recipe's JSON metrics line, what a caller reads.
+    """
+    from transformers.trainer_callback import PrinterCallback, TrainerCallback
+
+    class LogsToStderr(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_local_process_zero and logs:
+                print({k: v for k, v in logs.items() if k != "total_flos"}, file=sys.stderr, flush=True)
+
+    if trainer.pop_callback(PrinterCallback) is not None:
+        trainer.add_callback(LogsToStderr())
     start = time.perf_counter()
     result = trainer.train()
     return result, time.perf_counter() - start
