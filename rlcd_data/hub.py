@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .errors import RlcdError
 from .pipeline.config import CONFIG_FILENAME, read_config_file
+from .quality.annotations import ANNOTATIONS
 from .quality.plots import IMAGES
 
 LOGIN_HINT = "pass --token, set HF_TOKEN, or log in with `hf auth login`"
@@ -38,9 +39,9 @@ def push(
 ) -> PushResult:
     """Upload a folder written by `build` (data, card, its plots, build config) to a Hub dataset repo in one commit.
 
-    The repo is created if missing. Files the repo has under ``data/`` or
-    ``images/`` that the folder does not are deleted in the same commit, so a new build
-    replaces the old one. The card's ``configs``/``dataset_info`` come from
+    The repo is created if missing. Files the repo has under ``data/``,
+    ``images/`` or ``annotations/`` that the folder does not are deleted in the same commit, so a new build
+    replaces the old one (judgments of the old rows included). The card's ``configs``/``dataset_info`` come from
     the build; other metadata already on the Hub card (extra tags, a licence
     set by hand) is kept.
 
@@ -80,7 +81,8 @@ def _build_files(folder: Path) -> list[Path]:
     data = sorted((folder / "data").glob("*.parquet"))
     if not data:
         raise RlcdError(f"{folder}/data: no Parquet files")
-    return data + sorted((folder / IMAGES).glob("*.png"))  # the card's plots
+    # the card's plots, and people's judgments of these rows (`rlcd-data view`) behind its human agreement
+    return data + sorted((folder / IMAGES).glob("*.png")) + sorted((folder / ANNOTATIONS).glob("*.jsonl"))
 
 
 def _resolve_token(token: str | None) -> str:
@@ -120,7 +122,7 @@ def _push(folder, files, repo_id, private, revision, commit_message, token, endp
     operations.append(CommitOperationAdd("README.md", str(card).encode()))
     operations += [
         CommitOperationDelete(path) for path in sorted(existing)
-        if path.startswith(("data/", f"{IMAGES}/")) and path not in new_paths
+        if path.startswith(("data/", f"{IMAGES}/", f"{ANNOTATIONS}/")) and path not in new_paths
     ]
     commit = api.create_commit(
         repo_id,

@@ -52,3 +52,11 @@ def test_push_benchmark_pushes_to_the_loopback_hub_twice():
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "push 1:" in done.stdout and "push 2:" in done.stdout and "data/train-00000-of-00001.parquet" in done.stdout
+
+
+def test_view_benchmark_times_a_served_dataset(hh_dir):
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "view.py"), "--pairs", "300", "--repeat", "1",
+                           "--source", str(hh_dir / "harmless-base-validation.jsonl")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "rlcd-data view on 300 pairs" in done.stdout and "a judgment (POST /api/judge)" in done.stdout

@@ -107,6 +107,23 @@ def test_second_push_replaces_data_and_keeps_hand_made_metadata(hub, tmp_path, f
     assert meta["configs"][0]["data_files"] == [{"split": "train", "path": "data/train-*"}]
 
 
+def test_push_uploads_peoples_judgments_with_the_card_and_a_new_build_replaces_them(hub, tmp_path, fake_generator):
+    from rlcd_data.quality.report import inspect_dataset
+    from rlcd_data.view.pairs import PairTable
+
+    folder = built(tmp_path, fake_generator)
+    table = PairTable(str(folder))
+    for row in table.sample(4, 0):
+        table.judge("ann", 0, 4, row, "left")
+    inspect_dataset(str(folder), write_card=True)  # the card's quality section gains the human agreement
+    push(folder, "alice/judged", token=TOKEN, endpoint=hub.endpoint)
+    files = hub.repos["alice/judged"]
+    assert files["annotations/ann.jsonl"] == (folder / "annotations" / "ann.jsonl").read_bytes()
+    assert "| human agreement (people prefer chosen" in files["README.md"].decode()
+    push(built(tmp_path, fake_generator, name="rebuilt"), "alice/judged", token=TOKEN, endpoint=hub.endpoint)
+    assert not any(path.startswith("annotations/") for path in hub.repos["alice/judged"])
+
+
 def test_push_to_a_branch_leaves_main_alone(hub, tmp_path, fake_generator):
     folder = built(tmp_path, fake_generator)
     push(folder, "alice/ds", token=TOKEN, endpoint=hub.endpoint)

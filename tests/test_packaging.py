@@ -25,4 +25,6 @@ def test_wheel_ships_templates_and_cards(tmp_path):
         assert f"rlcd_data/recipes/{preset}.yaml" in names
     for module in ("reward", "ppo", "sft", "common"):
         assert f"rlcd_data/train/{module}.py" in names
+    for page in ("index.html", "app.js", "style.css"):  # `rlcd-data view` serves them from the package
+        assert f"rlcd_data/view/static/{page}" in names
     assert any(n.endswith("entry_points.txt") for n in names)

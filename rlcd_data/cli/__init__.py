@@ -6,12 +6,12 @@ import argparse
 import sys
 
 from ..errors import RlcdError
-from . import build, compare, inspect, ls, merge, preview, push, score, train
+from . import build, compare, inspect, ls, merge, preview, push, score, train, view
 from . import eval as eval_
 
 COMMANDS = {
     "build": build, "push": push, "preview": preview, "ls": ls, "merge": merge, "train": train, "eval": eval_,
-    "inspect": inspect, "compare": compare, "score": score,
+    "inspect": inspect, "compare": compare, "score": score, "view": view,
 }
 
 

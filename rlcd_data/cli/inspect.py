@@ -23,6 +23,9 @@ def add_parser(sub) -> None:
                         help="reward-model also trains a MiniLM reward model per fold (slow).")
     parser.add_argument("--write-card", action="store_true",
                         help="Write the report and its plots (images/) into the folder's README.md.")
+    parser.add_argument("--annotations", metavar="DIR",
+                        help="Folder whose annotations/ hold people's judgments (`rlcd-data view`); default: SOURCE "
+                             "when it is a folder.")
 
 
 def add_report_arguments(parser) -> None:
@@ -39,6 +42,7 @@ def run(args) -> int:
     result = inspect_dataset(
         args.source, split=args.split, limit=args.limit, threshold=args.threshold, folds=args.folds,
         judge=args.judge, reward_model_separability=args.separability == "reward-model", write_card=args.write_card,
+        annotations=args.annotations,
     )
     if args.json:
         print(json.dumps(result))

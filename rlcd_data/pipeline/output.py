@@ -7,6 +7,7 @@ import shutil
 from importlib import metadata
 from pathlib import Path
 
+from ..quality.annotations import ANNOTATIONS
 from ..quality.plots import IMAGES, write_report_plots
 from ..resources import resource_dir
 from ..sources.pairs import quiet_datasets, to_standard
@@ -132,8 +133,9 @@ def write_dataset_folder(
     card.save(staging / "README.md")
     (staging / CONFIG_FILENAME).write_text(config.to_yaml())
 
-    # Swap in: data and images folders, card, config. Files of other names are left alone.
-    for folder in ("data", IMAGES):
+    # Swap in: data and images folders, card, config. People's judgments name rows of the data replaced: they go
+    # too. Files of other names are left alone.
+    for folder in ("data", IMAGES, ANNOTATIONS):
         if (out / folder).exists():
             shutil.rmtree(out / folder)
     for item in sorted(staging.iterdir()):

@@ -25,7 +25,7 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
-from ..sources.pairs import SOFT_LABEL_COLUMN, split_prompt
+from ..sources.pairs import SOFT_LABEL_COLUMN, column, split_prompt
 
 # Near-identical: cosine similarity of the two responses' word 1-2-gram counts at or above this.
 NEAR_IDENTICAL = 0.9
@@ -85,11 +85,12 @@ def response_text(value, prompt=None) -> str:
 def pair_data(table, max_new_tokens: int | None = None) -> PairData:
     """Collect a report's inputs from a pair table (a `datasets.Dataset` with ``chosen``/``rejected``)."""
     columns = set(table.column_names)
-    prompts = table["prompt"] if "prompt" in columns else [None] * len(table)
-    chosen = [response_text(c, p).strip() for c, p in zip(table["chosen"], prompts)]
-    rejected = [response_text(r, p).strip() for r, p in zip(table["rejected"], prompts)]
+    prompts = column(table, "prompt") if "prompt" in columns else [None] * len(table)
+    chosen = [response_text(c, p).strip() for c, p in zip(column(table, "chosen"), prompts)]
+    rejected = [response_text(r, p).strip() for r, p in zip(column(table, "rejected"), prompts)]
     if {"chosen_tokens", "rejected_tokens"} <= columns:
-        unit, chosen_lengths, rejected_lengths = "simulator tokens", table["chosen_tokens"], table["rejected_tokens"]
+        unit = "simulator tokens"
+        chosen_lengths, rejected_lengths = column(table, "chosen_tokens"), column(table, "rejected_tokens")
     else:
         unit = "words"
         chosen_lengths = [len(t.split()) for t in chosen]
@@ -98,14 +99,15 @@ def pair_data(table, max_new_tokens: int | None = None) -> PairData:
     data = PairData(chosen, rejected, list(chosen_lengths), list(rejected_lengths), unit,
                     max_new_tokens=max_new_tokens)
     if "source_index" in columns:
-        data.source_index = list(table["source_index"])
+        data.source_index = column(table, "source_index")
     if SOFT_LABEL_COLUMN in columns:
-        data.probabilities = [float(p) for p in table[SOFT_LABEL_COLUMN]]
+        data.probabilities = [float(p) for p in column(table, SOFT_LABEL_COLUMN)]
     if "chosen_is_p_plus" in columns:
-        data.chosen_is_p_plus = list(table["chosen_is_p_plus"])
+        data.chosen_is_p_plus = column(table, "chosen_is_p_plus")
     if {"descriptor_index", "positive_descriptor", "negative_descriptor"} <= columns:
-        data.descriptor_index = list(table["descriptor_index"])
-        for i, pos, neg in zip(data.descriptor_index, table["positive_descriptor"], table["negative_descriptor"]):
+        data.descriptor_index = column(table, "descriptor_index")
+        for i, pos, neg in zip(data.descriptor_index, column(table, "positive_descriptor"),
+                               column(table, "negative_descriptor")):
             data.descriptors.setdefault(i, f"{pos} / {neg}")
     return data
 
@@ -120,13 +122,16 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def report(data: PairData, *, threshold: float = NEAR_IDENTICAL, folds: int = FOLDS, seed: int = 0) -> dict:
-    """The model-free report: one JSON-ready dict (see the module docstring for what it holds)."""
-    out = {"pairs": len(data), "shape": shape(data, threshold), "lengths": length_bias(data)}
+def report(data: PairData, *, threshold: float = NEAR_IDENTICAL, folds: int = FOLDS, seed: int = 0,
+           similar: list[float] | None = None) -> dict:
+    """The model-free report: one JSON-ready dict (see the module docstring for what it holds).
+    ``similar``: the pairs' `similarities`, when already computed."""
+    out = {"pairs": len(data), "shape": shape(data, threshold, similar), "lengths": length_bias(data)}
     out["words"] = characteristic_words(data.chosen, data.rejected)
     out["lexical_separability"] = lexical_separability(data.chosen, data.rejected, folds=folds, seed=seed)
     out["soft_labels"] = soft_labels(data) if data.probabilities is not None else None
     out["judge"] = out["reward_model_separability"] = None  # model-based: `rlcd_data.quality_models`
+    out["human"] = None  # people's judgments: `report.human_figure`
     return out
 
 
@@ -146,9 +151,18 @@ def similarities(chosen: list[str], rejected: list[str]) -> list[float]:
     return [1.0 if e else float(s) for s, e in zip(cosine, both_empty)]
 
 
-def shape(data: PairData, threshold: float = NEAR_IDENTICAL) -> dict:
+def _empty(text: str) -> bool:
+    return not text.strip()
+
+
+def _unfinished(text: str) -> bool:
+    return bool(text.strip()) and text.rstrip()[-1] not in _ENDINGS
+
+
+def shape(data: PairData, threshold: float = NEAR_IDENTICAL, similar: list[float] | None = None) -> dict:
     identical = [_normalised(c) == _normalised(r) for c, r in zip(data.chosen, data.rejected)]
-    near = [s >= threshold and not same for s, same in zip(similarities(data.chosen, data.rejected), identical)]
+    similar = similarities(data.chosen, data.rejected) if similar is None else similar
+    near = [s >= threshold and not same for s, same in zip(similar, identical)]
 
     def per_side(test):
         return {"chosen": sum(map(test, data.chosen)), "rejected": sum(map(test, data.rejected))}
@@ -157,8 +171,8 @@ def shape(data: PairData, threshold: float = NEAR_IDENTICAL) -> dict:
         "identical": sum(identical),
         "near_identical": sum(near),
         "near_identical_threshold": threshold,
-        "empty": per_side(lambda t: not t.strip()),
-        "unfinished": per_side(lambda t: bool(t.strip()) and t.rstrip()[-1] not in _ENDINGS),
+        "empty": per_side(_empty),
+        "unfinished": per_side(_unfinished),
         "at_token_limit": None,
         "descriptors": None,
     }
@@ -172,6 +186,27 @@ def shape(data: PairData, threshold: float = NEAR_IDENTICAL) -> dict:
     if data.descriptor_index is not None:
         counts = {i: data.descriptor_index.count(i) for i in sorted(set(data.descriptor_index))}
         out["descriptors"] = [{"index": i, "pair": data.descriptors.get(i, ""), "pairs": n} for i, n in counts.items()]
+    return out
+
+
+def row_flags(data: PairData, threshold: float = NEAR_IDENTICAL,
+              similar: list[float] | None = None) -> list[list[str]]:
+    """Each pair's flags, the rows behind `shape`'s counts: ``identical``, ``near-identical``, and per side
+    ``chosen empty``, ``rejected unfinished`` (ends mid-sentence), ``chosen at token limit``."""
+    similar = similarities(data.chosen, data.rejected) if similar is None else similar
+    limit = data.max_new_tokens
+    out = []
+    for i, (chosen, rejected) in enumerate(zip(data.chosen, data.rejected)):
+        flags = []
+        if _normalised(chosen) == _normalised(rejected):
+            flags.append("identical")
+        elif similar[i] >= threshold:
+            flags.append("near-identical")
+        for side, text, length in (("chosen", chosen, data.chosen_lengths[i]),
+                                   ("rejected", rejected, data.rejected_lengths[i])):
+            flags += [f"{side} {name}" for name, hit in (("empty", _empty(text)), ("unfinished", _unfinished(text)),
+                                                          ("at token limit", bool(limit) and length >= limit)) if hit]
+        out.append(flags)
     return out
 
 

@@ -37,6 +37,7 @@ def inspect_dataset(
     judge: str | None = None,
     reward_model_separability: bool = False,
     write_card: bool = False,
+    annotations: str | Path | None = None,
 ) -> dict:
     """The quality report of one pair dataset.
 
@@ -45,6 +46,8 @@ def inspect_dataset(
         reward_model_separability: also run the k-fold reward-model figure (trains ``folds`` MiniLM models).
         write_card: write the plots to ``source/images/`` and the report into
             ``source/README.md`` (replacing an earlier report; a folder only).
+        annotations: the folder whose ``annotations/`` hold people's judgments of these pairs (`rlcd-data view`);
+            default: ``source`` when it is a folder. Adds their agreement with the labels.
 
     Raises:
         RlcdError: not a pair dataset, no pairs, a judge that is not a reward
@@ -54,6 +57,7 @@ def inspect_dataset(
         raise RlcdError(f"{source}: --write-card needs a dataset folder")
     table, data = load(source, split, limit)
     result = measures.report(data, threshold=threshold, folds=folds)
+    result["human"] = human_figure(annotations or source, data)
     if judge:
         from .model_measures import judge_agreement
 
@@ -70,6 +74,13 @@ def inspect_dataset(
         write_card_section(Path(source) / "README.md", card_section(result, images))
         result["images"] = images
     return result
+
+
+def human_figure(folder: str | Path, data: measures.PairData) -> dict | None:
+    """People's agreement with the labels from the judgments in ``folder/annotations/``, or None (none there)."""
+    from . import annotations
+
+    return annotations.human_agreement(annotations.read(folder), data) if Path(folder).is_dir() else None
 
 
 def card_section(result: dict, images: list[str], matched: str | None = None) -> str:
@@ -105,6 +116,8 @@ def compare_datasets(sources: list[str], *, split: str = "train", folds: int = m
     source) are restricted to the prompts they have in common, so the figures
     compare the same prompts; ``match=False`` keeps every pair.
 
+    People's agreement with the labels (`rlcd-data view`) covers every pair they judged, matched or not.
+
     Returns:
         ``{"matched_prompts": n or None, "datasets": {name: report}}``;
         ``plot`` receives the overlay of each dataset's length differences.
@@ -112,6 +125,8 @@ def compare_datasets(sources: list[str], *, split: str = "train", folds: int = m
     if len(sources) < 2:
         raise RlcdError("compare needs at least two datasets")
     loaded = {_name(s, sources): load(s, split) for s in sources}
+    # people's judgments name rows of the whole dataset: their figure is taken before any matching
+    humans = {name: human_figure(source, data) for (name, (_, data)), source in zip(loaded.items(), sources)}
     matched = None
     if match and all(data.source_index is not None for _, data in loaded.values()):
         common = set.intersection(*(set(data.source_index) for _, data in loaded.values()))
@@ -125,6 +140,7 @@ def compare_datasets(sources: list[str], *, split: str = "train", folds: int = m
     reports = {}
     for name, (table, data) in loaded.items():
         result = measures.report(data, folds=folds)
+        result["human"] = humans[name]
         if judge:
             from .model_measures import judge_agreement
 
@@ -168,6 +184,7 @@ def text_table(named: dict[str, dict]) -> str:
         ("  sd over folds", lambda r: "n/a" if not r["lexical_separability"] else f"{r['lexical_separability']['sd']:.3f}"),
         ("reward-model separability", lambda r: fmt_ci(r.get("reward_model_separability"))),
         ("judge agreement [95%]", lambda r: fmt_ci(r.get("judge"))),
+        ("human agreement [95%], n", lambda r: _human(r.get("human"))),
         ("mean chosen_probability", lambda r: "n/a" if not r.get("soft_labels") else f"{r['soft_labels']['mean']:.3f}"),
         ("labels below 0.6", lambda r: "n/a" if not r.get("soft_labels") else f"{r['soft_labels']['near_half']:.1%}"),
         ("top chosen words", lambda r: _words(r["words"]["chosen"])),
@@ -178,6 +195,12 @@ def text_table(named: dict[str, dict]) -> str:
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *body]]
     return "\n".join(lines)
+
+
+def _human(human: dict | None) -> str:
+    if not human or not human["n"]:
+        return "n/a"
+    return f"{human['agreement']:.3f} [{human['interval'][0]:.3f}, {human['interval'][1]:.3f}], {human['n']}"
 
 
 def _mm(summary: dict) -> str:
@@ -220,6 +243,13 @@ def verdicts(result: dict) -> list[str]:
         verdict = "agrees with the labels beyond chance" if low > 0.5 else (
             "disagrees with the labels" if high < 0.5 else "does not agree with the labels beyond chance")
         lines.append(f"The judge {verdict}: {judge['accuracy']:.0%} (95% interval {low:.0%}-{high:.0%}).")
+    human = result.get("human")
+    if human and human["n"]:
+        low, high = human["interval"]
+        verdict = "agree with the labels beyond chance" if low > 0.5 else (
+            "disagree with the labels" if high < 0.5 else "do not agree with the labels beyond chance")
+        lines.append(f"People {verdict}: {human['agreement']:.0%} of {human['n']} decisive judgments "
+                     f"(95% interval {low:.0%}-{high:.0%}; {human['ties']} more were \"can't tell\").")
     shape_ = result["shape"]
     same = shape_["identical"] + shape_["near_identical"]
     if result["pairs"] and same / result["pairs"] >= 0.05:

@@ -89,6 +89,12 @@ def _load(source, path: Path, split: str):
         raise RlcdError(f"cannot load {source!r}: {str(e).splitlines()[0]}") from None
 
 
+def column(table, name: str) -> list:
+    """Column ``name`` of a `datasets.Dataset` as a Python list, read through Arrow: datasets' own ``table[name]``
+    formats it row by row, about 30x slower (10 s against 0.3 s for 100k HH pairs)."""
+    return table.with_format("arrow")[name].to_pylist()
+
+
 def build_setting(folder: str | Path, key: str):
     """A setting that a build folder's config records, or None (no such folder, or not set)."""
     path = Path(folder) / CONFIG_FILENAME
