@@ -150,13 +150,14 @@ def test_chat_api_misuse_is_a_one_line_error(hosted, tiny_model_dir, tmp_path, c
 def test_ppo_rewards_from_a_rater_on_a_chat_api():
     """`train ppo --reward_llm M --rater_base_url URL --rater_server_api chat`: the reward of each response is
     the rater's expected score, asked as a user message through the chat completions API."""
+    from rlcd_data.train.online import open_reward
     from rlcd_data.train.ppo import PPOScriptArguments
-    from rlcd_data.train.ppo_reward import open_reward
 
     fake = FakeServer(model="hosted-rater", kind="chat-only", option_tokens={str(s): 0 for s in range(1, 11)})
     try:
         script = PPOScriptArguments(reward_llm=fake.model, rater_base_url=fake.url, rater_server_api="chat")
-        rewards = open_reward(script).score_responses(["\n\nHuman: Hi there\n\nAssistant:"] * 2, ["Hello!", "Go away."])
+        rewards = open_reward(script, "ppo").score_responses(["\n\nHuman: Hi there\n\nAssistant:"] * 2,
+                                                             ["Hello!", "Go away."])
     finally:
         fake.stop()
     assert len(rewards) == 2 and all(-1 <= r <= 1 for r in rewards) and rewards[0] != rewards[1]

@@ -1,4 +1,4 @@
-"""`rlcd-data train {reward,ppo,dpo,sft} ...`: the training recipes (options: TRL's names, see --help)."""
+"""`rlcd-data train {reward,ppo,grpo,dpo,sft} ...`: the training recipes (options: TRL's names, see --help)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import argparse
 
 RECIPES = {
     "reward": "a reward model on a pair dataset (TRL RewardTrainer; soft labels when present)",
-    "ppo": "a policy against a reward model (TRL PPO)",
+    "ppo": "a policy against a reward model or an LLM rater (TRL PPO, trl <= 1.12)",
+    "grpo": "a policy against a reward model or an LLM rater, no value model (TRL GRPO)",
     "dpo": "a policy on a pair dataset directly, no reward model (TRL DPO; soft labels when present)",
     "sft": "supervised fine-tuning on prompt-completion data (context distillation)",
 }
@@ -15,7 +16,7 @@ RECIPES = {
 def add_parser(sub) -> None:
     parser = sub.add_parser(
         "train",
-        help="Train a reward model, a PPO or DPO policy, or an SFT model (`rlcd-data train RECIPE --help`).",
+        help="Train a reward model, a PPO, GRPO or DPO policy, or an SFT model (`rlcd-data train RECIPE --help`).",
         description="\n".join(f"  {k:<7} {v}" for k, v in RECIPES.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         add_help=False,

@@ -22,64 +22,17 @@ from pathlib import Path
 
 from ..errors import RlcdError
 from . import common
-from .ppo_reward import open_reward, reward_adapter_class, value_init
+from .online import OnlineArguments, describe_reward, open_reward
+from .ppo_reward import reward_adapter_class, value_init
 
 KL_GRID = (0.001, 0.002, 0.004, 0.008, 0.016, 0.032)
 
 
 @dataclass
-class PPOScriptArguments:
-    reward_model: str = field(default=None, metadata={"help": "Reward model folder (`rlcd-data train reward`)."})
-    reward_llm: str | None = field(
-        default=None,
-        metadata={"help": "Direct RLAIF instead of --reward_model: this causal LM rates each response 1-10 with the "
-                          "task's rate.jinja; the reward is its expected score mapped to [-1, 1] (Lee et al. 2023)."},
-    )
-    rater_task: str = field(default="harmless", metadata={"help": "--reward_llm: the task whose rate.jinja it reads."})
-    rater_quantization: str = field(default="none", metadata={"help": "--reward_llm: none, 8bit or 4bit."})
-    rater_prompt_format: str = field(
-        default="text", metadata={"help": "--reward_llm: text, chat or auto (chat when the rater has a template)."}
-    )
-    rater_base_url: str | None = field(
-        default=None, metadata={"help": "--reward_llm: rate with the model an OpenAI-compatible server at this URL "
-                                        "serves under that name (e.g. http://127.0.0.1:8000/v1)."},
-    )
-    rater_tokenizer: str | None = field(
-        default=None, metadata={"help": "--rater_base_url: the served rater's tokenizer (default: --reward_llm)."}
-    )
-    rater_api_key_env: str = field(
-        default="OPENAI_API_KEY", metadata={"help": "--rater_base_url: the environment variable holding the API key."}
-    )
-    rater_server_api: str = field(
-        default="completions",
-        metadata={"help": "--rater_base_url: completions (the rendered rating prompt; needs the tokenizer) or chat "
-                          "(the rating question as a user message to the chat completions API, for chat-only "
-                          "servers; --rater_prompt_format does not apply).",
-                  "choices": ["completions", "chat"]},
-    )
-    policy: str = field(
-        default=None,
-        metadata={"help": "Policy to improve: a folder, a Hub id, or `smollm2-135m-instruct` (the embedded model)."},
-    )
-    prompts: str = field(
-        default=None, metadata={"help": "Prompts: any source `rlcd-data build --prompts` accepts."}
-    )
-    prompt_column: str | None = field(default=None, metadata={"help": "Column with the prompts."})
-    prompt_split: str = field(default="train", metadata={"help": "Split of a dataset folder or Hub dataset."})
-    limit: int | None = field(default=None, metadata={"help": "Use the first N prompts."})
+class PPOScriptArguments(OnlineArguments):
     steps: int | None = field(
         default=None, metadata={"help": "PPO updates (sets total_episodes = steps x rollout batch size)."}
     )
-    penalty_reward: float = field(
-        default=-1.0,
-        metadata={"help": "Reward for a response that does not end (next Human turn or EOS) or is empty."},
-    )
-    prompt_format: str = field(
-        default="auto",
-        metadata={"help": "How rollouts see a prompt: text (Human/Assistant text), chat (the policy's chat "
-                          "template), auto (chat when the policy's tokenizer has one). Recorded for `eval policy`."},
-    )
-    reward_max_length: int = field(default=512, metadata={"help": "Tokens of prompt + response the reward model sees."})
     grid: bool = field(
         default=False,
         metadata={"help": "Run once per KL coefficient of --kl_grid into OUTPUT_DIR/kl-<coef>."},
@@ -194,14 +147,12 @@ def train(script: PPOScriptArguments, config, model_args, argv=None, preset=None
     from ..tasks.chat import FORMATS, policy_prompts
     from ..tasks.conversation import STOP_STRINGS
 
-    if bool(script.reward_model) == bool(script.reward_llm):
-        raise RlcdError("train ppo: give --reward_model or --reward_llm (one of them)")
     common.require("ppo", policy=script.policy, prompts=script.prompts)
     if script.checkpointed_layers is not None and script.checkpointed_layers < 1:
         raise RlcdError(f"train ppo: --checkpointed_layers {script.checkpointed_layers} is below 1 "
                         "(--gradient_checkpointing false checkpoints none)")
     policy_path = common.resolve_base(script.policy)
-    reward_model = open_reward(script)
+    reward_model = open_reward(script, "ppo")
     prompt_set = load_prompts(
         script.prompts, task_input="conversation", column=script.prompt_column, split=script.prompt_split,
         limit=script.limit,
@@ -271,8 +222,7 @@ def train(script: PPOScriptArguments, config, model_args, argv=None, preset=None
         "kl_coef": config.kl_coef,
         "seconds_per_update": round(seconds / max(updates, 1), 2),
         "value_initialised_from": "reward model" if value_path != policy_path else "policy",
-        "reward": f"reward model {script.reward_model}" if script.reward_model else
-                  f"LLM rater {script.reward_llm} ({script.rater_task}/rate.jinja, expected 1-10 score in [-1, 1])",
+        "reward": describe_reward(script),
     }
     if logs:
         last = logs[-1]

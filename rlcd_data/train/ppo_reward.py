@@ -1,30 +1,10 @@
-"""The reward PPO optimises, as TRL's PPO calls it: a reward model or an LLM rater (direct RLAIF) scoring
-the decoded, cut response; and where the value model starts from."""
+"""The reward PPO optimises, as TRL's PPO calls it: a reward model or an LLM rater (direct RLAIF,
+`online.open_reward`) scoring the decoded, cut response; and where the value model starts from."""
 
 from __future__ import annotations
 
 import functools
 from pathlib import Path
-
-from ..errors import RlcdError
-
-
-def open_reward(script):
-    """The reward PPO optimises: the reward model, or the LLM rater of direct RLAIF (``--reward_llm``)."""
-    from .reward_model import RewardModel
-
-    if script.reward_model:
-        return RewardModel.load(script.reward_model, max_length=script.reward_max_length)
-    from ..generate.rater import LLMRewards, open_rater
-    from ..tasks.catalog import load_task
-
-    task = load_task(script.rater_task)
-    if not task.has_rater:
-        raise RlcdError(f"train ppo: task {task.name!r} has no rate.jinja; pick another --rater_task")
-    rater, chat = open_rater(script.reward_llm, script.rater_quantization, prompt_format=script.rater_prompt_format,
-                             base_url=script.rater_base_url, tokenizer=script.rater_tokenizer,
-                             api_key_env=script.rater_api_key_env, server_api=script.rater_server_api)
-    return LLMRewards(rater, task, chat)
 
 
 @functools.cache
@@ -33,7 +13,7 @@ def reward_adapter_class():
     from torch import nn
 
     from ..generate.engine import end_of_sequence_ids
-    from ..tasks.conversation import extract_response
+    from .online import cut_and_score
 
     class TextReward(nn.Module):
         """A reward (a reward model, or an LLM rater) behind the interface TRL's PPO calls (`get_reward`),
@@ -73,22 +53,16 @@ def reward_adapter_class():
             raise RuntimeError("a rollout does not start with any training prompt")
 
         def backbone(self, input_ids, attention_mask, **_):
-            prompts, responses, rows = [], [], []
-            rewards = torch.full(input_ids.shape, float(self.penalty), device=input_ids.device)
-            for row, (ids, mask) in enumerate(zip(input_ids.tolist(), attention_mask.tolist())):
+            prompts, texts, ended = [], [], []
+            for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
                 kept = [t for t, m in zip(ids, mask) if m]
                 prompt, response_ids = self.split(kept)
-                ended = not mask[-1] or (bool(kept) and kept[-1] in self.eos_ids)
-                text = self.policy_tokenizer.decode(response_ids, skip_special_tokens=True)
-                response = extract_response(text, ended)
-                if response is not None:
-                    prompts.append(prompt)
-                    responses.append(response)
-                    rows.append(row)
-            if rows:
-                scores = torch.tensor(self.scorer.score_responses(prompts, responses), device=input_ids.device)
-                rewards[rows] = scores.unsqueeze(1).expand(-1, input_ids.shape[1])
-            return _Hidden((rewards.unsqueeze(-1),))
+                prompts.append(prompt)
+                texts.append(self.policy_tokenizer.decode(response_ids, skip_special_tokens=True))
+                ended.append(not mask[-1] or (bool(kept) and kept[-1] in self.eos_ids))
+            scores = torch.tensor(cut_and_score(self.scorer, prompts, texts, ended, self.penalty),
+                                  device=input_ids.device)
+            return _Hidden((scores.unsqueeze(1).expand(input_ids.shape).unsqueeze(-1),))
 
         def score(self, hidden):
             return hidden

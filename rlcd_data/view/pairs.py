@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import RlcdError
 from ..quality import annotations, measures
-from ..sources.pairs import build_setting, messages_to_text, split_prompt
+from ..sources.pairs import build_setting, column, messages_to_text, split_prompt
 
 PAGE_ROWS = 20
 MAX_PAGE_ROWS = 200
@@ -102,7 +102,8 @@ class PairTable:
         out = {
             "row": i, "prompt": self.prompts[i], "chosen": data.chosen[i], "rejected": data.rejected[i],
             "chosen_length": data.chosen_lengths[i], "rejected_length": data.rejected_lengths[i], "unit": data.unit,
-            "flags": None if self._flags is None else self._flags[i], "label": None if data.probabilities is None else data.probabilities[i],
+            "flags": None if self._flags is None else self._flags[i],
+            "label": None if data.probabilities is None else data.probabilities[i],
             "descriptor": None if data.descriptor_index is None else data.descriptors.get(data.descriptor_index[i]),
         }
         for side in ("p_plus", "p_minus"):
@@ -157,8 +158,8 @@ def _prompts(table) -> list[str]:
         return messages_to_text(value) if isinstance(value, list) else value
 
     if "prompt" in table.column_names:
-        return [text(p) for p in table["prompt"]]
-    return [split_prompt(text(c))[0] for c in table["chosen"]]
+        return [text(p) for p in column(table, "prompt")]
+    return [split_prompt(text(c))[0] for c in column(table, "chosen")]
 
 
 def _question(source: str) -> str:
