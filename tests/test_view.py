@@ -94,6 +94,9 @@ def test_a_later_judgment_of_a_row_replaces_the_earlier_and_a_bad_line_is_named(
         f.write('{"row": 1, "seed": 0, "left": "up", "choice": "left", "time": ""}\n')
     with pytest.raises(RlcdError, match=r"ann.jsonl, line 3: not a judgment"):
         annotations.read(tmp_path)
+    (tmp_path / "annotations" / "ann.jsonl").write_text(
+        json.dumps({"row": 1, "seed": 0, "left": "chosen", "choice": "left", "time": "", "split": "test"}) + "\n")
+    assert annotations.read(tmp_path) == {} and list(annotations.read(tmp_path, "test")["ann"]) == [1]
     with pytest.raises(RlcdError, match="annotator '../x'"):
         annotations.annotator_file(tmp_path, "../x")
 

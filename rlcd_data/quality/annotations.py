@@ -3,9 +3,10 @@ dataset's labels, the paper's yardstick (its Table 5 protocol, on the dataset it
 
 A judgment is one JSON line of ``annotations/<annotator>.jsonl`` in the dataset folder::
 
-    {"row": 17, "seed": 0, "left": "rejected", "choice": "right", "time": "2026-12-08T10:00:00+00:00"}
+    {"row": 17, "seed": 0, "left": "rejected", "choice": "right", "time": "2026-12-08T10:00:00+00:00",
+     "split": "train"}
 
-``row`` is the pair's index in the split, ``seed`` the spot-check sample's, ``left`` the side shown on the left,
+``row`` is the pair's index in ``split``, ``seed`` the spot-check sample's, ``left`` the side shown on the left,
 ``choice`` what the person picked: ``left``, ``right`` or ``tie`` ("can't tell"). The person agrees with the label
 when the response they preferred is the dataset's ``chosen``. A later judgment of the same row by the same
 annotator replaces the earlier one.
@@ -39,6 +40,7 @@ class Judgment:
     left: str  # the side shown on the left: chosen or rejected
     choice: str  # left, right or tie
     time: str
+    split: str = "train"
 
     def __post_init__(self):
         if self.left not in SIDES or self.choice not in CHOICES or self.row < 0:
@@ -89,8 +91,9 @@ def record(folder: str | Path, annotator: str, judgment: Judgment) -> None:
             raise RlcdError(f"{path}: cannot save the judgment ({e.strerror or e}); nothing else was lost") from None
 
 
-def read(folder: str | Path) -> dict[str, dict[int, Judgment]]:
-    """Every annotator's judgments in ``folder``: ``{annotator: {row: its latest judgment}}`` (empty without any).
+def read(folder: str | Path, split: str = "train") -> dict[str, dict[int, Judgment]]:
+    """Every annotator's judgments of ``split`` in ``folder``: ``{annotator: {row: its latest judgment}}`` (empty
+    without any).
 
     A line that is not a judgment (a file edited by hand) is an RlcdError naming the file and line.
     """
@@ -104,8 +107,10 @@ def read(folder: str | Path) -> dict[str, dict[int, Judgment]]:
                 judgment = Judgment(**json.loads(text))
             except (ValueError, TypeError) as e:
                 raise RlcdError(f"{path}, line {number}: not a judgment ({str(e).splitlines()[0]})") from None
-            rows[judgment.row] = judgment
-        out[path.stem] = rows
+            if judgment.split == split:
+                rows[judgment.row] = judgment
+        if rows:
+            out[path.stem] = rows
     return out
 
 

@@ -57,7 +57,7 @@ def inspect_dataset(
         raise RlcdError(f"{source}: --write-card needs a dataset folder")
     table, data = load(source, split, limit)
     result = measures.report(data, threshold=threshold, folds=folds)
-    result["human"] = human_figure(annotations or source, data)
+    result["human"] = human_figure(annotations or source, data, split)
     if judge:
         from .model_measures import judge_agreement
 
@@ -76,11 +76,12 @@ def inspect_dataset(
     return result
 
 
-def human_figure(folder: str | Path, data: measures.PairData) -> dict | None:
-    """People's agreement with the labels from the judgments in ``folder/annotations/``, or None (none there)."""
+def human_figure(folder: str | Path, data: measures.PairData, split: str = "train") -> dict | None:
+    """People's agreement with the labels of ``split`` from the judgments in ``folder/annotations/``, or None
+    (none there)."""
     from . import annotations
 
-    return annotations.human_agreement(annotations.read(folder), data) if Path(folder).is_dir() else None
+    return annotations.human_agreement(annotations.read(folder, split), data) if Path(folder).is_dir() else None
 
 
 def card_section(result: dict, images: list[str], matched: str | None = None) -> str:
@@ -126,7 +127,7 @@ def compare_datasets(sources: list[str], *, split: str = "train", folds: int = m
         raise RlcdError("compare needs at least two datasets")
     loaded = {_name(s, sources): load(s, split) for s in sources}
     # people's judgments name rows of the whole dataset: their figure is taken before any matching
-    humans = {name: human_figure(source, data) for (name, (_, data)), source in zip(loaded.items(), sources)}
+    humans = {name: human_figure(source, data, split) for (name, (_, data)), source in zip(loaded.items(), sources)}
     matched = None
     if match and all(data.source_index is not None for _, data in loaded.values()):
         common = set.intersection(*(set(data.source_index) for _, data in loaded.values()))

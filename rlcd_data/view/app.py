@@ -184,7 +184,7 @@ def _judged(table: PairTable, annotator: str, seed: int) -> dict[int, str]:
     from ..quality import annotations
 
     annotations.annotator_file(table.folder, annotator)  # the name is checked before anything is read
-    rows = annotations.read(table.folder).get(annotator, {})
+    rows = annotations.read(table.folder, table.split).get(annotator, {})
     return {row: j.choice for row, j in rows.items() if j.seed == seed}
 
 

@@ -49,7 +49,7 @@ class PairTable:
     def __init__(self, source: str, split: str = "train", annotations_dir: str | Path | None = None):
         from ..quality.report import load
 
-        self.source = source
+        self.source, self.split = source, split
         self.table, self.data = load(source, split)
         if annotations_dir is None:
             if not Path(source).is_dir():
@@ -144,12 +144,12 @@ class PairTable:
             raise RlcdError(f"row {row} is not in the spot-check sample (seed {seed}, {size} pairs)")
         if choice not in annotations.CHOICES:
             raise RlcdError(f"choice {choice!r}: use one of {', '.join(annotations.CHOICES)}")
-        judgment = annotations.Judgment(row, seed, self.left_side(seed, row), choice, annotations.now())
+        judgment = annotations.Judgment(row, seed, self.left_side(seed, row), choice, annotations.now(), self.split)
         annotations.record(self.folder, annotator, judgment)
         return judgment
 
     def agreement(self) -> dict | None:
-        return annotations.human_agreement(annotations.read(self.folder), self.data)
+        return annotations.human_agreement(annotations.read(self.folder, self.split), self.data)
 
 
 def _prompts(table) -> list[str]:
