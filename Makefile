@@ -44,7 +44,7 @@ test: $(VENV)/.installed $(CHROMIUM)
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest
 
 test-fast: $(VENV)/.installed $(CHROMIUM)
-	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -m "not real_model"
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -m "not real_model and not vllm"
 
 # constraints.txt anew from the installed stack (after changing a range in pyproject.toml: `make clean test lock`).
 lock: $(VENV)/.installed
