@@ -33,6 +33,10 @@ CONFIDENCE_EDGES = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 _write_lock = threading.Lock()
 
 
+class NotSaved(RlcdError):
+    """A judgment could not be written (read-only folder, full disk); the file holds the earlier ones."""
+
+
 @dataclass(frozen=True)
 class Judgment:
     row: int
@@ -72,7 +76,7 @@ def record(folder: str | Path, annotator: str, judgment: Judgment) -> None:
     so a kill at any moment leaves either the old file or the new one.
 
     Raises:
-        RlcdError: the file cannot be written (read-only folder, full disk): one line; the old file is intact.
+        NotSaved: the file cannot be written (read-only folder, full disk): one line; the old file is intact.
     """
     path = annotator_file(folder, annotator)
     line = json.dumps(asdict(judgment)) + "\n"
@@ -88,7 +92,7 @@ def record(folder: str | Path, annotator: str, judgment: Judgment) -> None:
             os.replace(tmp, path)
         except OSError as e:
             tmp.unlink(missing_ok=True)
-            raise RlcdError(f"{path}: cannot save the judgment ({e.strerror or e}); nothing else was lost") from None
+            raise NotSaved(f"{path}: cannot save the judgment ({e.strerror or e}); nothing else was lost") from None
 
 
 def read(folder: str | Path, split: str = "train") -> dict[str, dict[int, Judgment]]:

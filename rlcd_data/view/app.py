@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 from ..errors import RlcdError
+from ..quality.annotations import NotSaved
 from .pairs import MAX_PAGE_ROWS, PAGE_ROWS, Filters, PairTable
 
 STATIC = Path(__file__).parent / "static"
@@ -27,8 +28,7 @@ class Report:
     def __init__(self, table: PairTable):
         self.result: dict | None = None
         self.error: str | None = None
-        self._thread = threading.Thread(target=self._compute, args=(table,), daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._compute, args=(table,), daemon=True).start()
 
     def _compute(self, table: PairTable) -> None:
         from ..quality import measures
@@ -41,9 +41,6 @@ class Report:
             self.result = result
         except Exception as e:  # shown on the page instead of figures; the rest of the page works
             self.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-
-    def wait(self, timeout: float | None = None) -> None:
-        self._thread.join(timeout)
 
 
 def create_app(table: PairTable, *, token: str | None = None, loopback_hosts: tuple[str, ...] | None = None):
@@ -130,11 +127,11 @@ def create_app(table: PairTable, *, token: str | None = None, loopback_hosts: tu
             return error(f"bad judgment: {e}")
         try:
             table.judge(**fields)
+        except NotSaved as e:  # the person's problem and the terminal's: one line on both
+            print(f"rlcd-data view: error: {e}", file=sys.stderr, flush=True)
+            return error(str(e), 507)
         except RlcdError as e:
-            status = 507 if "cannot save" in str(e) else 400
-            if status == 507:
-                print(f"rlcd-data view: error: {e}", file=sys.stderr, flush=True)
-            return error(str(e), status)
+            return error(str(e))
         return JSONResponse({"saved": True})
 
     async def agreement(request):
@@ -145,13 +142,11 @@ def create_app(table: PairTable, *, token: str | None = None, loopback_hosts: tu
         middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=list(loopback_hosts)))
     if token:
         middleware.append(Middleware(TokenMiddleware, token=token))
-    app = Starlette(routes=[
+    return Starlette(routes=[
         Route("/", index), Route("/api/info", info), Route("/api/rows", rows),
         Route("/api/plot/{index:int}", plot), Route("/api/spot", spot), Route("/api/judge", judge, methods=["POST"]),
         Route("/api/agreement", agreement), Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ], middleware=middleware)
-    app.state.report = report
-    return app
 
 
 class TokenMiddleware:

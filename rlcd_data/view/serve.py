@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import secrets
 import socket
@@ -37,7 +38,7 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host.strip("[]"), port))
     except OSError as e:
         sock.close()
-        if e.errno == 98:  # EADDRINUSE
+        if e.errno == errno.EADDRINUSE:
             raise RlcdError(f"port {port} on {host} is taken: choose another with --port") from None
         raise RlcdError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
     sock.listen(128)
