@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from ..errors import RlcdError
 from . import common
-from .online import OnlineArguments, cut_and_score, describe_reward, open_reward
+from .online import OnlineArguments, cut_and_score, describe_reward, load_conversations, open_reward
 
 
 @dataclass
@@ -96,18 +96,12 @@ def train(script: GRPOScriptArguments, config, model_args, argv=None, preset=Non
     from trl import get_peft_config
 
     from ..generate.engine import end_of_sequence_ids
-    from ..sources.prompts import load_prompts
-    from ..tasks.chat import FORMATS, policy_prompts
+    from ..tasks.chat import policy_prompts
 
     common.require("grpo", policy=script.policy, prompts=script.prompts)
-    if script.prompt_format not in FORMATS:
-        raise RlcdError(f"train grpo: unknown --prompt_format {script.prompt_format!r} "
-                        f"(choose from: {', '.join(FORMATS)})")
-    prompt_set = load_prompts(script.prompts, task_input="conversation", column=script.prompt_column,
-                              split=script.prompt_split, limit=script.limit)
+    conversations = load_conversations(script, "grpo")
     reward = open_reward(script, "grpo")
     policy_path = common.resolve_base(script.policy)
-    conversations = [p.text for p in prompt_set.prompts]
     tokenizer = common.pad_with(common.load_tokenizer(script.policy, policy_path))
     tokenizer.padding_side = "left"
     # The policy samples in its format; the reward scores the text form (as its data has it).

@@ -60,6 +60,24 @@ class OnlineArguments:
     reward_max_length: int = field(default=512, metadata={"help": "Tokens of prompt + response the reward model sees."})
 
 
+def load_conversations(script: OnlineArguments, recipe: str) -> list[str]:
+    """The prompt source's conversations as Human/Assistant text (what the reward scores after), the prompt
+    format checked first.
+
+    Raises:
+        RlcdError: an unknown ``--prompt_format``; a missing, empty or malformed prompt source (file and line).
+    """
+    from ..sources.prompts import load_prompts
+    from ..tasks.chat import FORMATS
+
+    if script.prompt_format not in FORMATS:
+        raise RlcdError(f"train {recipe}: unknown --prompt_format {script.prompt_format!r} "
+                        f"(choose from: {', '.join(FORMATS)})")
+    prompt_set = load_prompts(script.prompts, task_input="conversation", column=script.prompt_column,
+                              split=script.prompt_split, limit=script.limit)
+    return [p.text for p in prompt_set.prompts]
+
+
 def open_reward(script: OnlineArguments, recipe: str):
     """The reward ``recipe`` optimises: the reward model, or the LLM rater of direct RLAIF (``--reward_llm``).
 

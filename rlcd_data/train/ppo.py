@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..errors import RlcdError
 from . import common
-from .online import OnlineArguments, describe_reward, open_reward
+from .online import OnlineArguments, describe_reward, load_conversations, open_reward
 from .ppo_reward import reward_adapter_class, value_init
 
 KL_GRID = (0.001, 0.002, 0.004, 0.008, 0.016, 0.032)
@@ -143,8 +143,7 @@ def train(script: PPOScriptArguments, config, model_args, argv=None, preset=None
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from trl.experimental.ppo import PPOTrainer
 
-    from ..sources.prompts import load_prompts
-    from ..tasks.chat import FORMATS, policy_prompts
+    from ..tasks.chat import policy_prompts
     from ..tasks.conversation import STOP_STRINGS
 
     common.require("ppo", policy=script.policy, prompts=script.prompts)
@@ -153,16 +152,10 @@ def train(script: PPOScriptArguments, config, model_args, argv=None, preset=None
                         "(--gradient_checkpointing false checkpoints none)")
     policy_path = common.resolve_base(script.policy)
     reward_model = open_reward(script, "ppo")
-    prompt_set = load_prompts(
-        script.prompts, task_input="conversation", column=script.prompt_column, split=script.prompt_split,
-        limit=script.limit,
-    )
+    conversations = load_conversations(script, "ppo")
     tokenizer = common.pad_with(AutoTokenizer.from_pretrained(policy_path, padding_side="left"))
-    if script.prompt_format not in FORMATS:
-        raise RlcdError(f"train ppo: unknown --prompt_format {script.prompt_format!r} (choose from: {', '.join(FORMATS)})")
     # The policy samples in its format; the reward model scores the text form (as its data has it).
-    texts, prompt_format = policy_prompts([p.text for p in prompt_set.prompts], tokenizer, script.prompt_format,
-                                          script.policy)
+    texts, prompt_format = policy_prompts(conversations, tokenizer, script.prompt_format, script.policy)
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     _pad_outside_prompts(tokenizer, encoded)
     dataset = Dataset.from_dict({"input_ids": encoded})
@@ -181,7 +174,7 @@ def train(script: PPOScriptArguments, config, model_args, argv=None, preset=None
     value_path = value_init(script.reward_model, reward_model, policy_path, policy) if script.reward_model else policy_path
     value = AutoModelForSequenceClassification.from_pretrained(value_path, num_labels=1, dtype=dtype)
     value.config.pad_token_id = tokenizer.pad_token_id
-    prompt_ids = {tuple(ids): p.text for ids, p in zip(encoded, prompt_set.prompts)}
+    prompt_ids = {tuple(ids): text for ids, text in zip(encoded, conversations)}
     reward = reward_adapter_class()(reward_model, tokenizer, prompt_ids, script.penalty_reward,
                                      policy.generation_config)
 
